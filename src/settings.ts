@@ -1,0 +1,55 @@
+import * as v from "valibot";
+import { parseSize } from "./size.js";
+
+const sizeSetting = (name: string) =>
+  v.pipe(
+    v.string(),
+    v.transform((s) => parseSize(s)),
+    v.number(`${name} must be a size such as 512M, 20G or 1T`),
+    v.minValue(1, `${name} must be larger than 0`),
+  );
+
+const SettingsSchema = v.object({
+  SOCKET_PATH: v.optional(v.pipe(v.string(), v.startsWith("/", "SOCKET_PATH must be an absolute path")), "/run/docker/plugins/thinvol.sock"),
+  STATE_DIR: v.optional(v.pipe(v.string(), v.startsWith("/", "STATE_DIR must be an absolute path")), "/var/lib/thinvol"),
+  MOUNT_DIR: v.optional(v.pipe(v.string(), v.startsWith("/", "MOUNT_DIR must be an absolute path")), "/mnt/thinvol"),
+  POOL_DRIVER: v.optional(v.picklist(["auto", "dm-thin", "loop"], "POOL_DRIVER must be auto, dm-thin or loop"), "auto"),
+  POOL_SIZE: v.optional(sizeSetting("POOL_SIZE"), "100G"),
+  DEFAULT_SIZE: v.optional(sizeSetting("DEFAULT_SIZE"), "10G"),
+  DEFAULT_FS: v.optional(v.picklist(["ext4", "xfs"], "DEFAULT_FS must be ext4 or xfs"), "ext4"),
+  MIN_FREE_SPACE: v.optional(
+    v.pipe(
+      v.string(),
+      v.transform((s) => (/^\d+(\.\d+)?%?$/.test(s.trim()) ? Number.parseFloat(s) : Number.NaN)),
+      v.number("MIN_FREE_SPACE must be a percentage from 0 to 100"),
+      v.minValue(0, "MIN_FREE_SPACE must be a percentage from 0 to 100"),
+      v.maxValue(100, "MIN_FREE_SPACE must be a percentage from 0 to 100"),
+    ),
+    "10",
+  ),
+  LOG_LEVEL: v.optional(v.picklist(["debug", "info", "warn", "error"], "LOG_LEVEL must be debug, info, warn or error"), "info"),
+});
+
+export type Settings = v.InferOutput<typeof SettingsSchema>;
+
+export class SettingsError extends Error {
+  override name = "SettingsError";
+}
+
+/** Empty values count as unset, so `docker plugin set thinvol POOL_SIZE=` restores the default. */
+export function loadSettings(env: Readonly<Record<string, string | undefined>> = process.env): Settings {
+  const picked: Record<string, string> = {};
+  for (const key of Object.keys(SettingsSchema.entries)) {
+    const value = env[key];
+    if (value !== undefined && value.trim() !== "") picked[key] = value.trim();
+  }
+  const result = v.safeParse(SettingsSchema, picked);
+  if (!result.success) {
+    const problems = result.issues.map((i) => {
+      const key = i.path?.[0]?.key;
+      return `${typeof key === "string" ? `${key}=${JSON.stringify(picked[key] ?? "")}: ` : ""}${i.message}`;
+    });
+    throw new SettingsError(`invalid settings: ${problems.join("; ")}`);
+  }
+  return result.output;
+}
