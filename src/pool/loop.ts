@@ -1,0 +1,177 @@
+import { mkdir, open, readdir, rm, stat, statfs } from "node:fs/promises";
+import { join } from "node:path";
+import * as v from "valibot";
+import { ThinvolError, errorMessage } from "../errors.js";
+import type { Logger } from "../log.js";
+import { formatSize } from "../size.js";
+import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
+import { freezeFilesystem, thawFilesystem } from "../system/filesystem.js";
+import { attachLoop, detachLoop, loopsOf, refreshLoopSize } from "../system/losetup.js";
+import { mountDevice, readMounts } from "../system/mount.js";
+import type { Runner } from "../system/runner.js";
+import type { CloneOptions, Pool, PoolUsage } from "./types.js";
+
+export interface LoopPoolOptions {
+  runner: Runner;
+  /** A directory the driver owns: the pool file, its state and its mount point. */
+  dir: string;
+  dataSizeBytes: number;
+  log: Logger;
+}
+
+const StateSchema = v.object({ version: v.literal(1), sizeBytes: v.number() });
+
+const IMAGE_SUFFIX = ".img";
+
+/**
+ * For kernels without dm-thin: one sparse file formatted XFS with reflink,
+ * mounted privately; each volume is a sparse image in it on its own loop
+ * device. A clone is a reflink copy, so it shares every block until written.
+ */
+export class LoopPool implements Pool {
+  readonly driver = "loop" as const;
+  private readonly poolFile: string;
+  private readonly stateFile: string;
+  private readonly mnt: string;
+  private readonly volumesDir: string;
+
+  constructor(private readonly o: LoopPoolOptions) {
+    this.poolFile = join(o.dir, "pool.img");
+    this.stateFile = join(o.dir, "pool.json");
+    this.mnt = join(o.dir, "mnt");
+    this.volumesDir = join(this.mnt, "volumes");
+  }
+
+  private image(name: string): string {
+    return join(this.volumesDir, name + IMAGE_SUFFIX);
+  }
+
+  async open(): Promise<void> {
+    const { runner, log } = this.o;
+    await mkdir(this.mnt, { recursive: true, mode: 0o700 });
+    const raw = await readJsonFile(this.stateFile);
+    const state = raw === undefined ? undefined : v.parse(StateSchema, raw);
+    if (state === undefined) {
+      // No state means the pool was never formatted completely: whatever is there holds no volume.
+      log.info("creating the loop pool", { file: this.poolFile, size: formatSize(this.o.dataSizeBytes) });
+      await this.ensureSparseFile(this.poolFile, this.o.dataSizeBytes);
+      const dev = await this.poolDevice();
+      await runner.run("mkfs.xfs", ["-q", "-f", "-K", "-m", "reflink=1", "-L", "thinvol-pool", dev], { timeoutMs: 120_000 });
+      await writeFileAtomic(this.stateFile, JSON.stringify({ version: 1, sizeBytes: this.o.dataSizeBytes }) + "\n");
+    }
+    const dev = await this.poolDevice();
+    if (!(await this.isPoolMounted())) {
+      // discard: deleting an image punches holes in the pool file, so the host gets the space back.
+      await mountDevice(runner, dev, this.mnt, "xfs", ["discard", "noatime"]);
+    }
+    await mkdir(this.volumesDir, { recursive: true, mode: 0o700 });
+    if (state !== undefined && this.o.dataSizeBytes > state.sizeBytes) await this.grow(dev, state.sizeBytes);
+    else if (state !== undefined && this.o.dataSizeBytes < state.sizeBytes) {
+      log.warn("POOL_SIZE is smaller than the pool; a pool never shrinks", { pool: formatSize(state.sizeBytes), setting: formatSize(this.o.dataSizeBytes) });
+    }
+    log.info("loop pool ready", { file: this.poolFile, device: dev });
+  }
+
+  private async grow(dev: string, from: number): Promise<void> {
+    this.o.log.info("growing the loop pool", { from: formatSize(from), to: formatSize(this.o.dataSizeBytes) });
+    await this.ensureSparseFile(this.poolFile, this.o.dataSizeBytes);
+    await refreshLoopSize(this.o.runner, dev);
+    await this.o.runner.run("xfs_growfs", [this.mnt]);
+    await writeFileAtomic(this.stateFile, JSON.stringify({ version: 1, sizeBytes: this.o.dataSizeBytes }) + "\n");
+  }
+
+  private async ensureSparseFile(path: string, sizeBytes: number): Promise<void> {
+    const handle = await open(path, "a");
+    try {
+      const { size } = await handle.stat();
+      if (size < sizeBytes) await handle.truncate(sizeBytes);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  }
+
+  /** The pool file's loop device, reusing one that is still attached after a restart. */
+  private async poolDevice(): Promise<string> {
+    const existing = await loopsOf(this.o.runner, this.poolFile);
+    return existing[0] ?? (await attachLoop(this.o.runner, this.poolFile, { directIo: true }));
+  }
+
+  private async isPoolMounted(): Promise<boolean> {
+    return (await readMounts()).some((m) => m.mountPoint === this.mnt);
+  }
+
+  async close(): Promise<void> {
+    // Volumes stay attached and mounted; the pool mount goes with this process's mount namespace.
+  }
+
+  async list(): Promise<string[]> {
+    const files = await readdir(this.volumesDir);
+    return files.filter((f) => f.endsWith(IMAGE_SUFFIX)).map((f) => f.slice(0, -IMAGE_SUFFIX.length)).sort();
+  }
+
+  async create(name: string, sizeBytes: number): Promise<void> {
+    let handle;
+    try {
+      handle = await open(this.image(name), "wx", 0o600);
+    } catch (err) {
+      throw new ThinvolError(`cannot create the image of volume "${name}": ${errorMessage(err)}`, { cause: err });
+    }
+    try {
+      await handle.truncate(sizeBytes);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  }
+
+  async clone(name: string, origin: string, options: CloneOptions = {}): Promise<void> {
+    const source = this.image(origin);
+    const target = this.image(name);
+    const frozen = options.originMountpoint;
+    if (frozen !== undefined) await freezeFilesystem(this.o.runner, frozen);
+    try {
+      await this.o.runner.run("cp", ["--reflink=always", "--sparse=always", "--no-clobber", source, target]);
+    } catch (err) {
+      await rm(target, { force: true });
+      throw new ThinvolError(`cannot clone volume "${origin}" to "${name}": ${errorMessage(err)}`, { cause: err });
+    } finally {
+      if (frozen !== undefined) await thawFilesystem(this.o.runner, frozen);
+    }
+  }
+
+  async sizeOf(name: string): Promise<number> {
+    return (await stat(this.image(name))).size;
+  }
+
+  async activate(name: string): Promise<string> {
+    const image = this.image(name);
+    const existing = await loopsOf(this.o.runner, image);
+    if (existing[0] !== undefined) return existing[0];
+    return attachLoop(this.o.runner, image, { directIo: true });
+  }
+
+  async deactivate(name: string): Promise<void> {
+    const image = this.image(name);
+    try {
+      await stat(image);
+    } catch {
+      return;
+    }
+    for (const dev of await loopsOf(this.o.runner, image)) await detachLoop(this.o.runner, dev);
+  }
+
+  async remove(name: string): Promise<void> {
+    await this.deactivate(name);
+    await rm(this.image(name), { force: true });
+  }
+
+  async usage(): Promise<PoolUsage> {
+    const s = await statfs(this.mnt);
+    return { driver: "loop", dataTotalBytes: s.blocks * s.bsize, dataUsedBytes: (s.blocks - s.bfree) * s.bsize };
+  }
+
+  async allocatedBytes(name: string): Promise<number> {
+    return (await stat(this.image(name))).blocks * 512;
+  }
+}

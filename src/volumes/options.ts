@@ -1,0 +1,153 @@
+import * as v from "valibot";
+import { InvalidRequestError } from "../errors.js";
+import { formatSize, parseSize } from "../size.js";
+import type { FsType } from "../system/filesystem.js";
+
+/**
+ * Docker's local driver allows `[a-zA-Z0-9][a-zA-Z0-9_.-]+`; thinvol also caps
+ * the length so that a name always fits in a device-mapper name with its prefix.
+ */
+export const VOLUME_NAME_PATTERN = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,95}$/;
+
+export const VolumeNameSchema = v.pipe(
+  v.string("the volume name must be a string"),
+  v.regex(
+    VOLUME_NAME_PATTERN,
+    (issue) =>
+      `invalid volume name ${JSON.stringify(issue.input)}: use 1 to 96 letters, digits, '_', '.' or '-', starting with a letter or digit`,
+  ),
+);
+
+export function checkVolumeName(name: unknown): string {
+  const result = v.safeParse(VolumeNameSchema, name);
+  if (!result.success) throw new InvalidRequestError(result.issues[0]?.message ?? "invalid volume name");
+  return result.output;
+}
+
+export const ALLOWED_OPTIONS = ["size", "fs", "from", "uid", "gid", "mode", "mountopts"] as const;
+
+/** Mount options a volume may ask for: none of them can reach outside the volume. */
+export const ALLOWED_MOUNT_OPTIONS = [
+  "noatime",
+  "relatime",
+  "strictatime",
+  "nodiratime",
+  "lazytime",
+  "discard",
+  "nodiscard",
+  "nosuid",
+  "nodev",
+  "noexec",
+  "sync",
+  "dirsync",
+  "ro",
+] as const;
+
+/** ext4 needs a few MiB for its journal; xfs refuses filesystems under 300 MiB. */
+export const MIN_SIZE: Record<FsType, number> = { ext4: 16 * 1024 ** 2, xfs: 300 * 1024 ** 2 };
+export const MAX_SIZE = 64 * 1024 ** 4;
+
+export interface CreateOptions {
+  /** Absent for a clone: a clone has its origin's size. */
+  sizeBytes?: number;
+  fs?: FsType;
+  from?: string;
+  uid?: number;
+  gid?: number;
+  mode?: number;
+  mountOptions: string[];
+}
+
+const idSchema = (what: string) =>
+  v.pipe(
+    v.string(),
+    v.regex(/^\d{1,10}$/, `${what} must be a whole number from 0 to 4294967294`),
+    v.transform(Number),
+    v.maxValue(4294967294, `${what} must be a whole number from 0 to 4294967294`),
+  );
+
+// Unknown keys are refused before this schema runs, with the list of allowed ones.
+const OptionsSchema = v.object(
+  {
+    size: v.optional(
+      v.pipe(
+        v.string(),
+        v.rawTransform(({ dataset, addIssue, NEVER }) => {
+          const bytes = parseSize(dataset.value);
+          if (bytes === undefined) {
+            addIssue({ message: `size ${JSON.stringify(dataset.value)} is not a size: use a number with an optional unit, such as 64M, 20G or 1T` });
+            return NEVER;
+          }
+          return bytes;
+        }),
+        v.maxValue(MAX_SIZE, `size must be at most ${formatSize(MAX_SIZE)}`),
+      ),
+    ),
+    fs: v.optional(v.picklist(["ext4", "xfs"], (i) => `fs ${JSON.stringify(i.input)} is not supported: use ext4 or xfs`)),
+    from: v.optional(
+      v.pipe(v.string(), v.regex(VOLUME_NAME_PATTERN, (i) => `from ${JSON.stringify(i.input)} is not a valid volume name`)),
+    ),
+    uid: v.optional(idSchema("uid")),
+    gid: v.optional(idSchema("gid")),
+    mode: v.optional(
+      v.pipe(
+        v.string(),
+        v.regex(/^0?[0-7]{3,4}$/, (i) => `mode ${JSON.stringify(i.input)} must be octal permissions such as 755, 0700 or 1777`),
+        v.transform((s) => Number.parseInt(s, 8)),
+      ),
+    ),
+    mountopts: v.optional(
+      v.pipe(
+        v.string(),
+        v.transform((s) => s.split(",").map((o) => o.trim()).filter((o) => o !== "")),
+        v.check(
+          (list) => list.every((o) => (ALLOWED_MOUNT_OPTIONS as readonly string[]).includes(o)),
+          (i) => {
+            const bad = (i.input as string[]).filter((o) => !(ALLOWED_MOUNT_OPTIONS as readonly string[]).includes(o));
+            return `mount option ${bad.map((b) => JSON.stringify(b)).join(", ")} is not allowed: allowed are ${ALLOWED_MOUNT_OPTIONS.join(", ")}`;
+          },
+        ),
+      ),
+    ),
+  },
+);
+
+/**
+ * Validates `docker volume create -o` options. Every problem is reported at
+ * once, each naming the option, before anything is created.
+ */
+export function parseCreateOptions(volume: string, raw: Readonly<Record<string, string>> | null | undefined): CreateOptions {
+  const input = raw ?? {};
+  const unknown = Object.keys(input).filter((k) => !(ALLOWED_OPTIONS as readonly string[]).includes(k));
+  if (unknown.length > 0) {
+    throw new InvalidRequestError(
+      `cannot create volume "${volume}": unknown option ${unknown.map((k) => JSON.stringify(k)).join(", ")}; allowed options are ${ALLOWED_OPTIONS.join(", ")}`,
+    );
+  }
+  const result = v.safeParse(OptionsSchema, input);
+  if (!result.success) {
+    throw new InvalidRequestError(`cannot create volume "${volume}": ${result.issues.map((i) => i.message).join("; ")}`);
+  }
+  const o = result.output;
+  const options: CreateOptions = { mountOptions: o.mountopts ?? [] };
+  if (o.size !== undefined) options.sizeBytes = o.size;
+  if (o.fs !== undefined) options.fs = o.fs;
+  if (o.from !== undefined) options.from = o.from;
+  if (o.uid !== undefined) options.uid = o.uid;
+  if (o.gid !== undefined) options.gid = o.gid;
+  if (o.mode !== undefined) options.mode = o.mode;
+  if (o.from !== undefined && o.from === volume) {
+    throw new InvalidRequestError(`cannot create volume "${volume}": a volume cannot be a clone of itself`);
+  }
+  return options;
+}
+
+/** Checks a size against the filesystem's limits; returns it rounded up to whole 4 KiB blocks. */
+export function checkSize(volume: string, sizeBytes: number, fs: FsType): number {
+  if (sizeBytes < MIN_SIZE[fs]) {
+    throw new InvalidRequestError(
+      `cannot create volume "${volume}": size ${formatSize(sizeBytes)} is too small for ${fs}; the minimum is ${formatSize(MIN_SIZE[fs])}`,
+    );
+  }
+  return Math.ceil(sizeBytes / 4096) * 4096;
+}
