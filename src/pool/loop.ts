@@ -128,10 +128,17 @@ export class LoopPool implements Pool {
   async clone(name: string, origin: string, options: CloneOptions = {}): Promise<void> {
     const source = this.image(origin);
     const target = this.image(name);
+    // Claim the name first, so an existing volume is never overwritten.
+    await this.create(name, 0);
     const frozen = options.originMountpoint;
-    if (frozen !== undefined) await freezeFilesystem(this.o.runner, frozen);
     try {
-      await this.o.runner.run("cp", ["--reflink=always", "--sparse=always", "--no-clobber", source, target]);
+      if (frozen !== undefined) await freezeFilesystem(this.o.runner, frozen);
+    } catch (err) {
+      await rm(target, { force: true });
+      throw new ThinvolError(`cannot clone volume "${origin}" to "${name}": ${errorMessage(err)}`, { cause: err });
+    }
+    try {
+      await this.o.runner.run("cp", ["--reflink=always", source, target]);
     } catch (err) {
       await rm(target, { force: true });
       throw new ThinvolError(`cannot clone volume "${origin}" to "${name}": ${errorMessage(err)}`, { cause: err });
@@ -164,6 +171,8 @@ export class LoopPool implements Pool {
   async remove(name: string): Promise<void> {
     await this.deactivate(name);
     await rm(this.image(name), { force: true });
+    // xfs frees a deleted file's blocks in the background; a sync makes the space show at once.
+    await this.o.runner.run("sync", ["--file-system", this.mnt]);
   }
 
   async usage(): Promise<PoolUsage> {

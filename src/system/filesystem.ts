@@ -14,6 +14,9 @@ export async function formatFilesystem(runner: Runner, device: string, fs: FsTyp
       "-F",
       "-m",
       "0",
+      // Loop devices with direct I/O take the backing filesystem's 4 KiB sectors; 1 KiB blocks would not mount.
+      "-b",
+      "4096",
       "-L",
       label.slice(0, 16),
       "-E",
