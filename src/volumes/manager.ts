@@ -353,36 +353,9 @@ export class VolumeManager implements VolumeService {
     const inPool = new Set(await this.o.pool.list());
     const names = await this.o.records.names();
     for (const name of names) {
-      await this.locks.with(name, async () => {
-        const record = await this.o.records.get(name);
-        if (!record) return;
-        if (record.state === "creating") {
-          this.o.log.warn("undoing a create that was interrupted", { volume: name });
-          await this.undoCreate(name);
-          return;
-        }
-        if (record.state === "removing") {
-          this.o.log.warn("finishing a remove that was interrupted", { volume: name });
-          await this.finishRemove(record);
-          return;
-        }
-        if (!inPool.has(name)) {
-          this.o.log.error("volume has a record but no data in the pool", { volume: name, driver: this.o.pool.driver });
-          return;
-        }
-        const refs = totalReferences(record);
-        const mounted = await this.isMounted(name);
-        if (refs > 0 && !mounted) {
-          this.o.log.warn("dropping mount references whose mount is gone", { volume: name, references: refs });
-          record.mounts = {};
-          await this.o.records.save(record);
-          await this.o.pool.deactivate(name);
-        } else if (refs === 0 && mounted) {
-          this.o.log.warn("unmounting a volume that no container references", { volume: name });
-          await this.teardown(name);
-        } else if (refs === 0) {
-          await this.o.pool.deactivate(name);
-        }
+      // One volume that cannot be recovered must not keep the others from being served.
+      await this.recoverOne(name, inPool).catch((err: unknown) => {
+        this.o.log.error("cannot recover volume; it is left as it is", { volume: name, error: errorMessage(err) });
       });
     }
     const known = new Set(names);
@@ -391,6 +364,40 @@ export class VolumeManager implements VolumeService {
         this.o.log.warn("the pool holds a volume with no record; it is kept, not deleted", { volume: orphan });
       }
     }
+  }
+
+  private async recoverOne(name: string, inPool: ReadonlySet<string>): Promise<void> {
+    await this.locks.with(name, async () => {
+      const record = await this.o.records.get(name);
+      if (!record) return;
+      if (record.state === "creating") {
+        this.o.log.warn("undoing a create that was interrupted", { volume: name });
+        await this.undoCreate(name);
+        return;
+      }
+      if (record.state === "removing") {
+        this.o.log.warn("finishing a remove that was interrupted", { volume: name });
+        await this.finishRemove(record);
+        return;
+      }
+      if (!inPool.has(name)) {
+        this.o.log.error("volume has a record but no data in the pool", { volume: name, driver: this.o.pool.driver });
+        return;
+      }
+      const refs = totalReferences(record);
+      const mounted = await this.isMounted(name);
+      if (refs > 0 && !mounted) {
+        this.o.log.warn("dropping mount references whose mount is gone", { volume: name, references: refs });
+        record.mounts = {};
+        await this.o.records.save(record);
+        await this.o.pool.deactivate(name);
+      } else if (refs === 0 && mounted) {
+        this.o.log.warn("unmounting a volume that no container references", { volume: name });
+        await this.teardown(name);
+      } else if (refs === 0) {
+        await this.o.pool.deactivate(name);
+      }
+    });
   }
 }
 
