@@ -1,0 +1,79 @@
+import { join } from "node:path";
+import { createApp } from "./api/app.js";
+import { ThinvolError, errorMessage } from "./errors.js";
+import { createLogger } from "./log.js";
+import { selectPool } from "./pool/select.js";
+import { closeServer, listenOnSocket } from "./server.js";
+import { SettingsError, loadSettings } from "./settings.js";
+import { ExecaRunner } from "./system/runner.js";
+import { DeferredVolumeService } from "./volumes/deferred.js";
+import { VolumeManager } from "./volumes/manager.js";
+import { RecordStore } from "./volumes/records.js";
+
+async function main(): Promise<void> {
+  let settings;
+  try {
+    settings = loadSettings();
+  } catch (err) {
+    if (err instanceof SettingsError) {
+      process.stderr.write(`thinvol: ${err.message}\n`);
+      process.exit(2);
+    }
+    throw err;
+  }
+  const log = createLogger(settings.LOG_LEVEL);
+  const runner = new ExecaRunner();
+  const service = new DeferredVolumeService();
+
+  // Docker gives a plugin about 9 s to open its socket: bind first, recover after.
+  const server = await listenOnSocket(createApp(service, log), settings.SOCKET_PATH);
+  log.info("listening", { socket: settings.SOCKET_PATH });
+
+  let stopping = false;
+  const stop = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info("stopping: finishing requests in flight; volumes stay as they are", { signal });
+    await closeServer(server);
+    log.info("stopped");
+    process.exit(0);
+  };
+  process.on("SIGTERM", () => void stop("SIGTERM"));
+  process.on("SIGINT", () => void stop("SIGINT"));
+
+  try {
+    const started = performance.now();
+    const pool = await selectPool({
+      runner,
+      stateDir: settings.STATE_DIR,
+      setting: settings.POOL_DRIVER,
+      dataSizeBytes: settings.POOL_SIZE,
+      log,
+    });
+    const records = new RecordStore(join(settings.STATE_DIR, "volumes"));
+    await records.init();
+    const manager = new VolumeManager({
+      pool,
+      records,
+      runner,
+      log,
+      mountDir: settings.MOUNT_DIR,
+      defaultSizeBytes: settings.DEFAULT_SIZE,
+      defaultFs: settings.DEFAULT_FS,
+      minFreePercent: settings.MIN_FREE_SPACE,
+    });
+    await manager.recover();
+    service.serve(manager);
+    log.info("ready", { driver: pool.driver, stateDir: settings.STATE_DIR, mountDir: settings.MOUNT_DIR, ms: Math.round(performance.now() - started) });
+  } catch (err) {
+    // Keep serving so that Docker shows the reason on every call instead of a dead socket.
+    const reason = new ThinvolError(`thinvol could not start its pool: ${errorMessage(err)}`, { cause: err });
+    log.error("start-up failed", { error: errorMessage(err) });
+    service.fail(reason);
+  }
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`thinvol: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+  process.exit(1);
+});

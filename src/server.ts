@@ -1,0 +1,29 @@
+import { createServer, type Server } from "node:http";
+import { chmod, mkdir, rm } from "node:fs/promises";
+import { dirname } from "node:path";
+import { getRequestListener } from "@hono/node-server";
+import type { Hono } from "hono";
+
+/** Serves the app on a unix socket, replacing a stale socket file left by a crash. */
+export async function listenOnSocket(app: Hono, socketPath: string): Promise<Server> {
+  await mkdir(dirname(socketPath), { recursive: true });
+  await rm(socketPath, { force: true });
+  const server = createServer(getRequestListener(app.fetch));
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(socketPath, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+  await chmod(socketPath, 0o660);
+  return server;
+}
+
+/** Stops accepting connections and resolves when in-flight requests have finished. */
+export function closeServer(server: Server): Promise<void> {
+  return new Promise((resolve) => {
+    server.close(() => resolve());
+    server.closeIdleConnections();
+  });
+}

@@ -1,0 +1,51 @@
+import type { VolumeService } from "./types.js";
+
+/**
+ * A VolumeService that holds requests until the real one is ready. The socket
+ * must answer within seconds of the plugin starting, while recovering the pool
+ * can take longer; requests wait for it (Docker allows a minute or more) or get
+ * the start-up error.
+ */
+export class DeferredVolumeService implements VolumeService {
+  private readonly ready: Promise<VolumeService>;
+  private resolve!: (s: VolumeService) => void;
+  private reject!: (e: unknown) => void;
+
+  constructor() {
+    this.ready = new Promise((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    this.ready.catch(() => undefined);
+  }
+
+  serve(service: VolumeService): void {
+    this.resolve(service);
+  }
+
+  fail(err: unknown): void {
+    this.reject(err);
+  }
+
+  async create(name: string, options: Readonly<Record<string, string>> | null) {
+    return (await this.ready).create(name, options);
+  }
+  async remove(name: string) {
+    return (await this.ready).remove(name);
+  }
+  async mount(name: string, id: string) {
+    return (await this.ready).mount(name, id);
+  }
+  async unmount(name: string, id: string) {
+    return (await this.ready).unmount(name, id);
+  }
+  async path(name: string) {
+    return (await this.ready).path(name);
+  }
+  async get(name: string) {
+    return (await this.ready).get(name);
+  }
+  async list() {
+    return (await this.ready).list();
+  }
+}
