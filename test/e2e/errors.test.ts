@@ -1,0 +1,33 @@
+/** Mistakes get a message naming the problem, and leave nothing behind. */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { docker, env, uniqueName, volumeNames } from "./support.js";
+
+async function refusedCreate(opts: readonly string[], mentions: RegExp): Promise<void> {
+  const name = uniqueName("bad");
+  const args = ["volume", "create", "-d", env.plugin];
+  for (const o of opts) args.push("-o", o);
+  const r = await docker([...args, name]);
+  assert.notEqual(r.exitCode, 0, `docker volume create ${opts.join(" ")} should fail`);
+  assert.match(r.stderr, mentions, `the error names the problem: ${r.stderr.trim()}`);
+  assert.ok(!(await volumeNames()).includes(name), "a refused volume is not listed");
+  const inspect = await docker(["volume", "inspect", name]);
+  assert.notEqual(inspect.exitCode, 0, "a refused volume cannot be inspected");
+}
+
+test("an unknown option is refused and the allowed ones are named", { timeout: 60_000 }, async () => {
+  await refusedCreate(["colour=blue"], /colour[\s\S]*size/);
+});
+
+test("a size that is not a size is refused", { timeout: 60_000 }, async () => {
+  await refusedCreate(["size=lots"], /size[\s\S]*lots|lots[\s\S]*size/);
+});
+
+test("a size beyond the pool or below the minimum is refused", { timeout: 60_000 }, async () => {
+  await refusedCreate(["size=1K"], /size|small|minimum/i);
+});
+
+test("a clone of a volume that does not exist is refused", { timeout: 60_000 }, async () => {
+  const missing = uniqueName("no-such-volume");
+  await refusedCreate([`from=${missing}`], new RegExp(missing));
+});

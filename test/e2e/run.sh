@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# End-to-end tests: a private Docker engine, the freshly built plugin installed with
+# build/plugin-install.sh, containers from an offline busybox image, and scenarios
+# that check what a user would see. Everything started here is stopped on exit.
+#
+# Environment:
+#   E2E_POOL_DRIVER  pool driver for the plugin (default loop; the VM tier uses dm-thin)
+#   E2E_POOL_SIZE    POOL_SIZE for the plugin (default 4G)
+#   E2E_PLUGIN       plugin name (default thinvol-e2e)
+#   E2E_KEEP=1       keep the engine's data root after the run, for a post-mortem
+#   THINVOL_BUNDLE   install this server file instead of a fresh build (see build/plugin.sh)
+# Extra arguments are passed to node's test runner (e.g. --test-name-pattern=clone).
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo_root"
+# shellcheck source=test/e2e/engine.sh
+source test/e2e/engine.sh
+
+log() { printf '[e2e] %s\n' "$*" >&2; }
+die() { printf '[e2e] error: %s\n' "$*" >&2; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "the end-to-end tests start dockerd and need root (sudo -E npm run test:e2e)"
+
+export E2E_POOL_DRIVER=${E2E_POOL_DRIVER:-loop}
+export E2E_POOL_SIZE=${E2E_POOL_SIZE:-4G}
+export E2E_PLUGIN=${E2E_PLUGIN:-thinvol-e2e}
+# The plugin's STATE_DIR default is /var/lib/docker-plugins/thinvol inside, the state
+# mount's destination being /var/lib/docker-plugins; on the host that is:
+export E2E_STATE_DIR="$E2E_DATA_ROOT/plugins/thinvol"
+export E2E_ENGINE_SCRIPT="$repo_root/test/e2e/engine.sh"
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  log "cleaning up"
+  if engine_running; then
+    # Volumes first, while the plugin still runs, so it releases its devices itself.
+    local -a leftovers
+    mapfile -t leftovers < <(docker ps -aq 2>/dev/null || true)
+    if ((${#leftovers[@]} > 0)); then docker rm -f "${leftovers[@]}" >/dev/null 2>&1 || true; fi
+    mapfile -t leftovers < <(docker volume ls -q 2>/dev/null || true)
+    if ((${#leftovers[@]} > 0)); then docker volume rm -f "${leftovers[@]}" >/dev/null 2>&1 || true; fi
+    docker plugin disable -f "$E2E_PLUGIN" >/dev/null 2>&1 || true
+    docker plugin rm -f "$E2E_PLUGIN" >/dev/null 2>&1 || true
+  fi
+  engine_cleanup
+  if [[ ${E2E_KEEP:-0} == 1 ]]; then
+    log "kept $E2E_DATA_ROOT (E2E_KEEP=1)"
+  else
+    rm -rf "$E2E_DATA_ROOT" "$E2E_EXEC_ROOT"
+  fi
+  exit "$rc"
+}
+
+# A previous run that was killed may have left its engine, mounts or devices.
+engine_cleanup
+rm -rf "$E2E_DATA_ROOT" "$E2E_EXEC_ROOT"
+
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+engine_install_packages
+engine_start
+engine_import_image
+
+log "installing the plugin as $E2E_PLUGIN (POOL_DRIVER=$E2E_POOL_DRIVER POOL_SIZE=$E2E_POOL_SIZE)"
+PLUGIN_NAME=$E2E_PLUGIN bash build/plugin-install.sh \
+  "state.source=$E2E_DATA_ROOT/plugins" \
+  "POOL_DRIVER=$E2E_POOL_DRIVER" \
+  "POOL_SIZE=$E2E_POOL_SIZE" \
+  "LOG_LEVEL=debug"
+
+log "running the scenarios"
+set +e
+node --import tsx --test --test-concurrency=1 --test-reporter=spec "$@" test/e2e/*.test.ts
+status=$?
+set -e
+if ((status != 0)); then
+  log "scenarios failed; the last lines of the engine's log (plugin output included):"
+  tail -n 60 "$E2E_LOG" >&2 || true
+fi
+exit "$status"
