@@ -8,7 +8,9 @@ import type { Hono } from "hono";
 export async function listenOnSocket(app: Hono, socketPath: string): Promise<Server> {
   await mkdir(dirname(socketPath), { recursive: true });
   await rm(socketPath, { force: true });
-  const server = createServer(getRequestListener(app.fetch));
+  // Docker's plugin client sends an empty Host header over the unix socket; without a
+  // default hostname @hono/node-server answers every daemon request 400 Bad Request.
+  const server = createServer(getRequestListener(app.fetch, { hostname: "localhost" }));
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(socketPath, () => {
