@@ -1,5 +1,6 @@
 import { mkdir, open, readdir, rm, stat, statfs } from "node:fs/promises";
 import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import * as v from "valibot";
 import { ThinvolError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
@@ -166,13 +167,19 @@ export class LoopPool implements Pool {
       return;
     }
     for (const dev of await loopsOf(this.o.runner, image)) await detachLoop(this.o.runner, dev);
+    // The kernel lets go of the image a moment after the detach; until then its space cannot be freed.
+    for (let i = 0; i < 100 && (await loopsOf(this.o.runner, image)).length > 0; i++) await sleep(50);
   }
 
   async remove(name: string): Promise<void> {
     await this.deactivate(name);
     await rm(this.image(name), { force: true });
-    // xfs frees a deleted file's blocks in the background; a sync makes the space show at once.
+    // xfs frees a deleted file's blocks and discards them in the background; a sync and a trim
+    // make the space show at once, in the pool and in the pool file on the host.
     await this.o.runner.run("sync", ["--file-system", this.mnt]);
+    await this.o.runner.run("fstrim", [this.mnt]).catch((err: unknown) => {
+      this.o.log.warn("could not trim the pool; the host gets the space back later", { error: errorMessage(err) });
+    });
   }
 
   async usage(): Promise<PoolUsage> {

@@ -7,4 +7,5 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 bash build/host-setup.sh
+npm run -s build
 exec node --import tsx --test --test-concurrency=1 --test-reporter=spec "$@" test/integration/*.test.ts

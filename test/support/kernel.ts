@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from "node:timers/promises";
 import { readMounts, unmount } from "../../src/system/mount.js";
 import { ExecaRunner } from "../../src/system/runner.js";
 
@@ -19,9 +20,22 @@ export async function mountsUnder(dir: string): Promise<string[]> {
 
 /** What a host reboot does to a loop pool: unmount everything under `dir` and detach its loop devices. */
 export async function tearDownLoopPool(dir: string): Promise<void> {
-  for (const m of (await mountsUnder(dir)).reverse()) await unmount(runner, m).catch(() => undefined);
-  for (const line of await loopDevicesUnder(dir)) {
-    const dev = line.split(" ")[0];
-    if (dev) await runner.run("losetup", ["--detach", dev]).catch(() => undefined);
+  // Listed before the unmounts: a volume image's path can no longer be shown once the pool is unmounted.
+  const devices = (await loopDevicesUnder(dir)).map((l) => l.split(" ")[0] ?? "").filter((d) => d !== "");
+  // The pool cannot be unmounted while volume images in it are attached, and its device stays busy
+  // while it is mounted: go round, unmounting and detaching what can be, until nothing is left.
+  for (let round = 0; round < 50; round++) {
+    for (const m of (await mountsUnder(dir)).reverse()) await unmount(runner, m).catch(() => undefined);
+    const attached = await allLoopDevices();
+    const left = devices.filter((d) => attached.has(d));
+    if (left.length === 0 && (await mountsUnder(dir)).length === 0) return;
+    for (const dev of left.reverse()) await runner.run("losetup", ["--detach", dev]).catch(() => undefined);
+    await sleep(100);
   }
+  throw new Error(`loop devices of ${dir} could not be detached: ${devices.join(", ")}`);
+}
+
+async function allLoopDevices(): Promise<Set<string>> {
+  const { stdout } = await runner.run("losetup", ["--list", "--noheadings", "--output", "NAME"]);
+  return new Set(stdout.split("\n").map((l) => l.trim()).filter((l) => l !== ""));
 }

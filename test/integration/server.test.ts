@@ -1,0 +1,202 @@
+/**
+ * The real server bundle, as root, on real loop devices: what a user of the
+ * plugin sees, checked through the protocol and the kernel.
+ */
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdtemp, readFile, readdir, rm, stat, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { readMounts } from "../../src/system/mount.js";
+import { loopDevicesUnder, mountsUnder, tearDownLoopPool } from "../support/kernel.js";
+import { callOk, callPlugin, startServer, stopServer, type ServerProcess } from "../support/plugin-client.js";
+
+const bundle = join(import.meta.dirname, "..", "..", "dist", "thinvol.mjs");
+const MiB = 1024 ** 2;
+
+describe("thinvol server with the loop pool", () => {
+  let dir: string;
+  let env: Record<string, string>;
+  let server: ServerProcess;
+  let sock: string;
+
+  const create = (Name: string, Opts: Record<string, string> | null = null) => callOk(sock, "VolumeDriver.Create", { Name, Opts });
+  const mount = async (Name: string, ID: string) => String((await callOk(sock, "VolumeDriver.Mount", { Name, ID }))["Mountpoint"]);
+  const unmount = (Name: string, ID: string) => callOk(sock, "VolumeDriver.Unmount", { Name, ID });
+  const isMounted = async (path: string) => (await readMounts()).some((m) => m.mountPoint === path);
+  const deviceOf = async (path: string) => (await readMounts()).find((m) => m.mountPoint === path)?.source ?? "";
+
+  before(async () => {
+    dir = await mkdtemp(join(process.env["THINVOL_TEST_TMP"] ?? tmpdir(), "thinvol-server-"));
+    sock = join(dir, "thinvol.sock");
+    env = {
+      SOCKET_PATH: sock,
+      STATE_DIR: join(dir, "state"),
+      MOUNT_DIR: join(dir, "volumes"),
+      POOL_DRIVER: process.env["THINVOL_TEST_POOL_DRIVER"] ?? "loop",
+      POOL_SIZE: "3G",
+      DEFAULT_SIZE: "64M",
+      MIN_FREE_SPACE: "5",
+    };
+    server = await startServer(bundle, env);
+  });
+
+  after(async () => {
+    if (server) await stopServer(server);
+    for (const m of (await mountsUnder(join(dir, "volumes"))).reverse()) execFileSync("umount", [m]);
+    await tearDownLoopPool(dir);
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test("a volume is a block device of the requested size with an empty root", async () => {
+    await create("sized", { size: "100M" });
+    const mp = await mount("sized", "c1");
+    assert.ok(await isMounted(mp));
+    const bytes = Number(execFileSync("blockdev", ["--getsize64", await deviceOf(mp)]).toString().trim());
+    assert.equal(bytes, 100 * MiB);
+    assert.deepEqual(await readdir(mp), [], "no lost+found");
+    await unmount("sized", "c1");
+    assert.equal(await isMounted(mp), false);
+  });
+
+  test("data written survives unmount and mount", async () => {
+    await create("keep");
+    let mp = await mount("keep", "c1");
+    await writeFile(join(mp, "row"), "committed");
+    await unmount("keep", "c1");
+    mp = await mount("keep", "c2");
+    assert.equal(await readFile(join(mp, "row"), "utf8"), "committed");
+    await unmount("keep", "c2");
+  });
+
+  test("a write past the volume's size fails with ENOSPC", async () => {
+    await create("small", { size: "32M" });
+    const mp = await mount("small", "c1");
+    await assert.rejects(writeFile(join(mp, "big"), Buffer.alloc(48 * MiB, 1)), { code: "ENOSPC" });
+    await rm(join(mp, "big"), { force: true });
+    await unmount("small", "c1");
+  });
+
+  test("xfs volumes and root ownership and mode work", async () => {
+    await create("x", { fs: "xfs", size: "320M", uid: "1000", gid: "1001", mode: "0770" });
+    const mp = await mount("x", "c1");
+    const s = await stat(mp);
+    assert.deepEqual([s.uid, s.gid, s.mode & 0o7777], [1000, 1001, 0o770]);
+    assert.equal((await readMounts()).find((m) => m.mountPoint === mp)?.fsType, "xfs");
+    await writeFile(join(mp, "f"), "xfs data");
+    await unmount("x", "c1");
+  });
+
+  test("a clone holds the origin's data and diverges on write", async () => {
+    await create("orig");
+    const omp = await mount("orig", "c1");
+    await writeFile(join(omp, "f"), "v1");
+    await create("copy", { from: "orig" }); // while the origin is mounted and in use
+    await writeFile(join(omp, "f"), "v2 in origin");
+    const cmp = await mount("copy", "c2");
+    assert.equal(await readFile(join(cmp, "f"), "utf8"), "v1");
+    await writeFile(join(cmp, "f"), "v3 in copy");
+    assert.equal(await readFile(join(omp, "f"), "utf8"), "v2 in origin");
+    const got = await callOk(sock, "VolumeDriver.Get", { Name: "copy" });
+    assert.equal((got["Volume"] as { Status: Record<string, unknown> }).Status["origin"], "orig");
+    await unmount("copy", "c2");
+    await unmount("orig", "c1");
+  });
+
+  test("two mount IDs (one twice) share one mount; the last Unmount unmounts", async () => {
+    await create("shared");
+    const a = await mount("shared", "c1");
+    const b = await mount("shared", "c2");
+    await mount("shared", "c1");
+    assert.equal(a, b);
+    assert.equal((await readMounts()).filter((m) => m.mountPoint === a).length, 1);
+    await unmount("shared", "c1");
+    await unmount("shared", "c2");
+    assert.ok(await isMounted(a), "c1 mounted twice and still holds one reference");
+    await unmount("shared", "c1");
+    assert.equal(await isMounted(a), false);
+  });
+
+  test("bad requests give clear errors and create nothing", async () => {
+    const cases: [unknown, RegExp][] = [
+      [{ Name: "../etc", Opts: null }, /invalid volume name "..\/etc"/],
+      [{ Name: "v1", Opts: { colour: "red" } }, /unknown option "colour"; allowed options are size, fs, from/],
+      [{ Name: "v2", Opts: { size: "big" } }, /size "big" is not a size/],
+      [{ Name: "v3", Opts: { from: "nothing-here" } }, /volume "nothing-here" does not exist/],
+    ];
+    for (const [body, pattern] of cases) {
+      const reply = await callPlugin(sock, "VolumeDriver.Create", body);
+      assert.equal(reply.status, 500);
+      assert.match(String(reply.body["Err"]), pattern);
+    }
+    const names = ((await callOk(sock, "VolumeDriver.List"))["Volumes"] as { Name: string }[]).map((v) => v.Name);
+    for (const n of ["v1", "v2", "v3"]) assert.equal(names.includes(n), false);
+  });
+
+  test("after SIGTERM and after kill -9 the volumes, their data and live mounts are all still there", async () => {
+    await create("durable");
+    const mp = await mount("durable", "c1");
+    await writeFile(join(mp, "f"), "before restart");
+
+    assert.equal(await stopServer(server, "SIGTERM"), 0);
+    server = await startServer(bundle, env);
+    assert.ok(await isMounted(mp), "a running container's volume stays mounted across a plugin restart");
+    assert.equal(await readFile(join(mp, "f"), "utf8"), "before restart");
+
+    await stopServer(server, "SIGKILL");
+    server = await startServer(bundle, env);
+    assert.ok(await isMounted(mp));
+    assert.deepEqual((await callOk(sock, "VolumeDriver.Path", { Name: "durable" }))["Mountpoint"], mp);
+    await unmount("durable", "c1");
+    assert.equal(await isMounted(mp), false, "the reference taken before the crash is still counted");
+    const again = await mount("durable", "c9");
+    assert.equal(await readFile(join(again, "f"), "utf8"), "before restart");
+    await unmount("durable", "c9");
+    const names = ((await callOk(sock, "VolumeDriver.List"))["Volumes"] as { Name: string }[]).map((v) => v.Name);
+    for (const n of ["sized", "keep", "small", "x", "orig", "copy", "shared", "durable"]) assert.ok(names.includes(n), n);
+  });
+
+  test("after a reboot (pool torn down, mounts gone) everything comes back and stale references are dropped", async () => {
+    const mp = await mount("keep", "c-before-reboot");
+    await stopServer(server, "SIGKILL");
+    // What a host reboot leaves: no mounts, no loop devices; only the files.
+    for (const m of (await mountsUnder(join(dir, "volumes"))).reverse()) execFileSync("umount", [m]);
+    await tearDownLoopPool(dir);
+    assert.deepEqual(await loopDevicesUnder(dir), []);
+    server = await startServer(bundle, env);
+    assert.equal((await callOk(sock, "VolumeDriver.Path", { Name: "keep" }))["Mountpoint"], undefined);
+    const again = await mount("keep", "c-after");
+    assert.equal(again, mp);
+    assert.equal(await readFile(join(again, "row"), "utf8"), "committed");
+    await unmount("keep", "c-after");
+    assert.equal(await isMounted(again), false, "the pre-reboot reference was dropped, not counted");
+  });
+
+  test("remove leaves no loop device, no mount and no file behind, and returns the space", async () => {
+    await create("trash", { size: "256M" });
+    const mp = await mount("trash", "c1");
+    await writeFile(join(mp, "blob"), Buffer.alloc(128 * MiB, 3));
+    await unmount("trash", "c1");
+    const pool = join(dir, "state", "pool-loop", "pool.img");
+    const before = (await stat(pool)).blocks * 512;
+    await callOk(sock, "VolumeDriver.Remove", { Name: "trash" });
+    const afterRemove = (await stat(pool)).blocks * 512;
+    assert.ok(before - afterRemove >= 120 * MiB, `the pool file shrank by only ${before - afterRemove} bytes`);
+    assert.equal(await isMounted(mp), false);
+    assert.deepEqual((await loopDevicesUnder(dir)).filter((l) => l.includes("trash")), []);
+    await assert.rejects(stat(join(dir, "state", "pool-loop", "mnt", "volumes", "trash.img")), { code: "ENOENT" });
+    await assert.rejects(stat(join(dir, "state", "volumes", "trash.json")), { code: "ENOENT" });
+    const reply = await callPlugin(sock, "VolumeDriver.Get", { Name: "trash" });
+    assert.match(String(reply.body["Err"]), /volume "trash" does not exist/);
+  });
+
+  test("removing every volume leaves only the pool's own loop device", async () => {
+    const list = (await callOk(sock, "VolumeDriver.List"))["Volumes"] as { Name: string }[];
+    for (const v of list) await callOk(sock, "VolumeDriver.Remove", { Name: v.Name });
+    assert.deepEqual(await mountsUnder(join(dir, "volumes")), []);
+    const loops = await loopDevicesUnder(dir);
+    assert.equal(loops.length, 1, loops.join("\n"));
+    assert.match(loops[0] ?? "", /pool\.img$/);
+  });
+});

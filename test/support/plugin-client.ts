@@ -1,0 +1,75 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { request } from "node:http";
+import { once } from "node:events";
+import { setTimeout as sleep } from "node:timers/promises";
+
+export interface Reply {
+  status: number;
+  body: Record<string, unknown>;
+}
+
+/** Calls the plugin the way the Docker daemon does: POST over the unix socket, no Content-Type. */
+export function callPlugin(socketPath: string, method: string, body: unknown = {}): Promise<Reply> {
+  return new Promise((resolve, reject) => {
+    const req = request(
+      { socketPath, path: `/${method}`, method: "POST", headers: { Accept: "application/vnd.docker.plugins.v1.2+json" } },
+      (res) => {
+        let text = "";
+        res.setEncoding("utf8");
+        res.on("data", (chunk: string) => (text += chunk));
+        res.on("end", () => {
+          try {
+            resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) as Record<string, unknown> });
+          } catch (err) {
+            reject(new Error(`${method}: reply is not JSON: ${text}`, { cause: err }));
+          }
+        });
+      },
+    );
+    req.on("error", reject);
+    req.end(JSON.stringify(body));
+  });
+}
+
+/** Calls a method and fails with the plugin's Err if it answered with one. */
+export async function callOk(socketPath: string, method: string, body: unknown = {}): Promise<Record<string, unknown>> {
+  const reply = await callPlugin(socketPath, method, body);
+  if (reply.status !== 200 || (typeof reply.body["Err"] === "string" && reply.body["Err"] !== "")) {
+    throw new Error(`${method} failed (${reply.status}): ${String(reply.body["Err"])}`);
+  }
+  return reply.body;
+}
+
+export interface ServerProcess {
+  child: ChildProcess;
+  output: () => string;
+}
+
+/** Starts the bundled server and waits until it has recovered its pool and answers List. */
+export async function startServer(bundle: string, env: Record<string, string>): Promise<ServerProcess> {
+  const child = spawn(process.execPath, [bundle], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  let out = "";
+  child.stdout?.on("data", (d: Buffer) => (out += d.toString()));
+  child.stderr?.on("data", (d: Buffer) => (out += d.toString()));
+  const socket = env["SOCKET_PATH"] ?? "";
+  const deadline = Date.now() + 60_000;
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) throw new Error(`the server exited with ${child.exitCode}:\n${out}`);
+    if (/ ready /.test(out)) {
+      await callOk(socket, "VolumeDriver.List");
+      return { child, output: () => out };
+    }
+    if (/start-up failed/.test(out)) throw new Error(`the server could not start:\n${out}`);
+    await sleep(50);
+  }
+  child.kill("SIGKILL");
+  throw new Error(`the server did not become ready within 60 s:\n${out}`);
+}
+
+export async function stopServer(server: ServerProcess, signal: NodeJS.Signals = "SIGTERM"): Promise<number | null> {
+  if (server.child.exitCode !== null || server.child.signalCode !== null) return server.child.exitCode;
+  const exited = once(server.child, "exit");
+  server.child.kill(signal);
+  const [code] = (await exited) as [number | null];
+  return code;
+}
