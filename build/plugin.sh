@@ -32,6 +32,7 @@ declare -A tool_package=(
   [blockdev]=util-linux
   [blkdiscard]=util-linux
   [fsfreeze]=util-linux
+  [fstrim]=util-linux
   [mount]=mount
   [umount]=mount
   [dmsetup]=dmsetup
@@ -40,7 +41,9 @@ declare -A tool_package=(
   [e2fsck]=e2fsprogs
   [mkfs.xfs]=xfsprogs
   [xfs_repair]=xfsprogs
+  [xfs_growfs]=xfsprogs
   [cp]=coreutils
+  [sync]=coreutils
   [modprobe]=kmod
 )
 
@@ -172,7 +175,7 @@ check_rootfs() {
     "/usr/bin/node --version"
     "losetup --version" "blockdev --version" "blkdiscard --version" "fsfreeze --version"
     "mount --version" "umount --version" "dmsetup --version" "thin_check --version"
-    "mkfs.ext4 -V" "e2fsck -V" "mkfs.xfs -V" "xfs_repair -V" "cp --version" "modprobe --version"
+    "mkfs.ext4 -V" "e2fsck -V" "mkfs.xfs -V" "xfs_repair -V" "xfs_growfs -V" "fstrim --version" "cp --version" "sync --version" "modprobe --version"
   )
   local check out
   for check in "${checks[@]}"; do
