@@ -1,7 +1,7 @@
 /** `-o from=` gives an independent copy of a volume as it was at that moment. */
 import assert from "node:assert/strict";
 import { after, test } from "node:test";
-import { createVolume, dockerOk, inspectVolume, removeContainers, removeVolumes, runInOk, startHolder, uniqueName } from "./support.js";
+import { createVolume, dockerOk, inspectVolume, MiB, removeContainers, removeVolumes, runInOk, startHolder, uniqueName } from "./support.js";
 
 const volumes: string[] = [];
 const containers: string[] = [];
@@ -28,7 +28,8 @@ test("a clone has the data of the moment; later writes to either stay apart", { 
   assert.equal(await runInOk(origin, "test -e /d/mine && echo yes || echo no"), "no", "the clone's file is not in the origin");
 
   const status = (await inspectVolume(clone)).Status ?? {};
-  assert.equal(status["size"], "128M", `a clone has its origin's size: ${JSON.stringify(status)}`);
+  assert.equal(status["sizeBytes"], 128 * MiB, `a clone has its origin's size: ${JSON.stringify(status)}`);
+  assert.equal(status["origin"], origin, `a clone names its origin: ${JSON.stringify(status)}`);
 });
 
 test("a volume in use by a running container can be cloned", { timeout: 120_000 }, async () => {

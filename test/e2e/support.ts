@@ -6,7 +6,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { readdir, stat } from "node:fs/promises";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { execa } from "execa";
 
 function required(name: string): string {
@@ -120,13 +120,21 @@ export async function isHostMountPoint(path: string): Promise<boolean> {
 }
 
 /**
- * The host path under which the plugin's propagated mount appears; every volume
- * Mountpoint the engine reports lies below it.
+ * Where a volume is mounted, as a path in the host's mount namespace. `docker volume
+ * inspect` shows either the host path (`<data-root>/plugins/<id>/propagated-mount/...`)
+ * or, on some engine versions, the path inside the plugin (under its propagatedMount);
+ * both are mapped to the host path. Fails if the Mountpoint lies outside the
+ * propagated mount, where containers would see an empty directory.
  */
-export async function propagatedMountOnHost(): Promise<string> {
-  const out = await dockerOk(["plugin", "inspect", "--format", "{{.Id}}", env.plugin]);
+export async function hostMountpoint(volume: string): Promise<string> {
+  const mountpoint = (await inspectVolume(volume)).Mountpoint;
+  const [id, inPlugin] = (await dockerOk(["plugin", "inspect", "--format", "{{.Id}} {{.Config.PropagatedMount}}", env.plugin])).split(" ");
   const dataRoot = await dockerOk(["info", "--format", "{{.DockerRootDir}}"]);
-  return join(dataRoot, "plugins", out, "propagated-mount");
+  if (id === undefined || inPlugin === undefined || inPlugin === "") throw new Error(`plugin ${env.plugin} has no propagated mount`);
+  const onHost = join(dataRoot, "plugins", id, "propagated-mount");
+  if (mountpoint === onHost || mountpoint.startsWith(`${onHost}/`)) return mountpoint;
+  if (mountpoint.startsWith(`${inPlugin}/`)) return join(onHost, relative(inPlugin, mountpoint));
+  throw new Error(`volume ${volume} has Mountpoint ${JSON.stringify(mountpoint)}, outside the plugin's propagated mount ${inPlugin}`);
 }
 
 /** Bytes the pool's files really occupy on the host disk (allocated blocks, not apparent size). */
