@@ -141,6 +141,20 @@ engine_import_image() {
   engine_log "imported $E2E_IMAGE from $busybox"
 }
 
+# Removes every container and volume, then the plugin, while the engine still runs,
+# so that the plugin releases its own devices.
+engine_remove_plugin() {
+  local plugin_name=$1
+  engine_running || return 0
+  local -a leftovers
+  mapfile -t leftovers < <(docker ps -aq 2>/dev/null || true)
+  if ((${#leftovers[@]} > 0)); then docker rm -f "${leftovers[@]}" >/dev/null 2>&1 || true; fi
+  mapfile -t leftovers < <(docker volume ls -q 2>/dev/null || true)
+  if ((${#leftovers[@]} > 0)); then docker volume rm -f "${leftovers[@]}" >/dev/null 2>&1 || true; fi
+  docker plugin disable -f "$plugin_name" >/dev/null 2>&1 || true
+  docker plugin rm -f "$plugin_name" >/dev/null 2>&1 || true
+}
+
 # Everything the engine and the plugin may leave behind: mounts under the engine's
 # roots, device-mapper devices and loop devices backed by files in the data root.
 # Only devices traced back to this engine's data root are touched, so other work on

@@ -34,16 +34,7 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   log "cleaning up"
-  if engine_running; then
-    # Volumes first, while the plugin still runs, so it releases its devices itself.
-    local -a leftovers
-    mapfile -t leftovers < <(docker ps -aq 2>/dev/null || true)
-    if ((${#leftovers[@]} > 0)); then docker rm -f "${leftovers[@]}" >/dev/null 2>&1 || true; fi
-    mapfile -t leftovers < <(docker volume ls -q 2>/dev/null || true)
-    if ((${#leftovers[@]} > 0)); then docker volume rm -f "${leftovers[@]}" >/dev/null 2>&1 || true; fi
-    docker plugin disable -f "$E2E_PLUGIN" >/dev/null 2>&1 || true
-    docker plugin rm -f "$E2E_PLUGIN" >/dev/null 2>&1 || true
-  fi
+  engine_remove_plugin "$E2E_PLUGIN"
   engine_cleanup
   if [[ ${E2E_KEEP:-0} == 1 ]]; then
     log "kept $E2E_DATA_ROOT (E2E_KEEP=1)"
