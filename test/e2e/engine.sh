@@ -71,6 +71,10 @@ engine_start() {
     --ip-masq=false
     --bridge=none
     --userland-proxy=false
+    # Where a system containerd runs (GitHub's runners), dockerd uses it instead of
+    # starting its own; namespaces of our own keep the two engines' containers apart.
+    --containerd-namespace "$(basename "$E2E_EXEC_ROOT")"
+    --containerd-plugins-namespace "$(basename "$E2E_EXEC_ROOT")-plugins"
   )
   engine_log "starting dockerd (log: $E2E_LOG)"
   # Only this start's part of the log counts when looking for a failure.
@@ -167,21 +171,30 @@ engine_cleanup() {
     umount -l "$target" 2>/dev/null || true
   done < <(findmnt -rn -o TARGET | awk -v a="$E2E_DATA_ROOT" -v b="$E2E_EXEC_ROOT" 'index($0, a) == 1 || index($0, b) == 1' | sort -r)
 
+  engine_release_devices
+}
+
+# Device-mapper and loop devices traced back to files in this engine's data root (a
+# plugin's pool): after the plugin has stopped they are only leftovers.
+engine_release_devices() {
   # Loop devices whose backing file is in the data root, then loop devices whose
   # backing file sits on one of those (the loop driver's volume images).
   local -A ours=()
-  local name back_dev back_ino majmin file
+  local name back_dev back_ino majmin root_dev
+  [[ -d $E2E_DATA_ROOT ]] || return 0
+  root_dev=$(stat -c '%Hd:%Ld' "$E2E_DATA_ROOT")
   while read -r name back_dev back_ino majmin; do
-    [[ -n $back_ino ]] || continue
-    while IFS= read -r file; do
+    # Same filesystem as the data root, and an inode that is a file inside it.
+    if [[ $back_dev == "$root_dev" && -n $back_ino ]] &&
+      [[ -n $(find "$E2E_DATA_ROOT" -xdev -inum "$back_ino" -print -quit 2>/dev/null) ]]; then
       ours[$name]=$majmin
-    done < <(find "$E2E_DATA_ROOT" -xdev -inum "$back_ino" 2>/dev/null | head -n 1)
+    fi
   done < <(losetup -l -n -O NAME,BACK-MAJ:MIN,BACK-INO,MAJ:MIN 2>/dev/null)
   local -a nested=()
   local -A our_majmins=()
   for name in "${!ours[@]}"; do our_majmins[${ours[$name]}]=1; done
   while read -r name back_dev back_ino majmin; do
-    [[ -n ${our_majmins[$back_dev]:-} ]] && nested+=("$name")
+    if [[ -n ${our_majmins[$back_dev]:-} ]]; then nested+=("$name"); fi
   done < <(losetup -l -n -O NAME,BACK-MAJ:MIN,BACK-INO,MAJ:MIN 2>/dev/null)
 
   # Device-mapper devices (dm-thin pool and thin volumes) that depend, directly or
@@ -197,7 +210,7 @@ engine_cleanup() {
         for dep in $(dmsetup deps -o devname "$dm" 2>/dev/null | grep -o '([^)]*)' | tr -d '()'); do
           if [[ -n ${kernel_ours[$dep]:-} ]]; then
             dm_ours[$dm]=1
-            kernel_ours[$(basename "$(readlink -f "/dev/mapper/$dm")")]=1
+            kernel_ours[$(dmsetup info -c --noheadings -o blkdevname "$dm" 2>/dev/null || echo "$dm")]=1
             grew=1
           fi
         done

@@ -4,7 +4,10 @@
 # that check what a user would see. Everything started here is stopped on exit.
 #
 # Environment:
-#   E2E_POOL_DRIVER  pool driver for the plugin (default loop; the VM tier uses dm-thin)
+#   E2E_POOL_DRIVER  run the scenarios with this pool driver only (loop or dm-thin; the
+#                    VM tier sets dm-thin)
+#   THINVOL_DMTHIN_ON_HOST=1  the host kernel has device-mapper (GitHub's runners):
+#                    run the scenarios with loop, then again with dm-thin
 #   E2E_POOL_SIZE    POOL_SIZE for the plugin (default 4G)
 #   E2E_PLUGIN       plugin name (default thinvol-e2e)
 #   E2E_KEEP=1       keep the engine's data root after the run, for a post-mortem
@@ -22,7 +25,13 @@ die() { printf '[e2e] error: %s\n' "$*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "the end-to-end tests start dockerd and need root (sudo -E npm run test:e2e)"
 
-export E2E_POOL_DRIVER=${E2E_POOL_DRIVER:-loop}
+if [[ -n ${E2E_POOL_DRIVER:-} ]]; then
+  drivers=("$E2E_POOL_DRIVER")
+elif [[ ${THINVOL_DMTHIN_ON_HOST:-0} == 1 ]]; then
+  drivers=(loop dm-thin)
+else
+  drivers=(loop)
+fi
 export E2E_POOL_SIZE=${E2E_POOL_SIZE:-4G}
 export E2E_PLUGIN=${E2E_PLUGIN:-thinvol-e2e}
 # The plugin's STATE_DIR default is /var/lib/docker-plugins/thinvol inside, the state
@@ -56,20 +65,36 @@ engine_install_packages
 engine_start
 engine_import_image
 
-log "installing the plugin as $E2E_PLUGIN (POOL_DRIVER=$E2E_POOL_DRIVER POOL_SIZE=$E2E_POOL_SIZE)"
-PLUGIN_NAME=$E2E_PLUGIN bash build/plugin-install.sh \
-  "state.source=$E2E_DATA_ROOT/plugins" \
-  "POOL_DRIVER=$E2E_POOL_DRIVER" \
-  "POOL_SIZE=$E2E_POOL_SIZE" \
-  "LOG_LEVEL=debug"
+# Installs the plugin with a fresh pool of the given driver and runs every scenario.
+run_scenarios() {
+  export E2E_POOL_DRIVER=$1
+  shift
+  # A fresh pool for each driver: the previous plugin's devices go with its files.
+  engine_remove_plugin "$E2E_PLUGIN"
+  engine_release_devices
+  rm -rf "$E2E_STATE_DIR"
+  log "installing the plugin as $E2E_PLUGIN (POOL_DRIVER=$E2E_POOL_DRIVER POOL_SIZE=$E2E_POOL_SIZE)"
+  PLUGIN_NAME=$E2E_PLUGIN bash build/plugin-install.sh \
+    "state.source=$E2E_DATA_ROOT/plugins" \
+    "POOL_DRIVER=$E2E_POOL_DRIVER" \
+    "POOL_SIZE=$E2E_POOL_SIZE" \
+    "LOG_LEVEL=debug"
 
-log "running the scenarios"
-set +e
-node --import tsx --test --test-concurrency=1 --test-reporter=spec "$@" test/e2e/*.test.ts
-status=$?
-set -e
-if ((status != 0)); then
-  log "scenarios failed; the last lines of the engine's log (plugin output included):"
-  tail -n 60 "$E2E_LOG" >&2 || true
+  log "running the scenarios with the $E2E_POOL_DRIVER pool"
+  local status=0
+  node --import tsx --test --test-concurrency=1 --test-reporter=spec "$@" test/e2e/*.test.ts || status=$?
+  if ((status != 0)); then
+    log "scenarios failed with the $E2E_POOL_DRIVER pool; the last lines of the engine's log (plugin output included):"
+    tail -n 60 "$E2E_LOG" >&2 || true
+  fi
+  return "$status"
+}
+
+failed=()
+for driver in "${drivers[@]}"; do
+  run_scenarios "$driver" "$@" || failed+=("$driver")
+done
+if ((${#failed[@]} > 0)); then
+  die "scenarios failed with: ${failed[*]}"
 fi
-exit "$status"
+log "all scenarios passed with: ${drivers[*]}"
