@@ -63,9 +63,9 @@ if [[ ${#settings[@]} -gt 0 ]]; then
 fi
 
 # Enabling starts the server; Docker gives up if the socket does not answer in time.
+log "\$ docker plugin enable --timeout 60 $plugin_name"
 if ! docker plugin enable --timeout 60 "$plugin_name"; then
   die "docker plugin enable $plugin_name failed; the plugin's own output is in the Docker daemon's log (journalctl -u docker, or dockerd's stderr)"
 fi
-log "\$ docker plugin enable --timeout 60 $plugin_name"
 docker plugin ls --filter "capability=volumedriver" >&2
 log "done: docker volume create -d $plugin_name -o size=10G <name>"

@@ -113,7 +113,11 @@ copy_file() {
 copy_libraries() {
   local binary=$1 line path
   local output
-  output=$(ldd "$binary" 2>&1) || die "ldd $binary failed: $output"
+  if ! output=$(ldd "$binary" 2>&1); then
+    # A statically linked tool needs nothing else.
+    [[ $output == *"not a dynamic executable"* || $output == *"statically linked"* ]] && return 0
+    die "ldd $binary failed: $output"
+  fi
   while IFS= read -r line; do
     path=
     if [[ $line =~ =\>\ (/[^ ]+)\ \( ]]; then
