@@ -1,4 +1,6 @@
 import { open, stat } from "node:fs/promises";
+import { errorMessage } from "../errors.js";
+import type { Logger } from "../log.js";
 import { attachLoop, loopsOf } from "../system/losetup.js";
 import type { Runner } from "../system/runner.js";
 
@@ -52,11 +54,20 @@ export async function metadataIsBlank(path: string): Promise<boolean> {
   }
 }
 
-/** The loop device already backed by `file`, or a new one (direct I/O, so blocks are not cached twice). */
-export async function attachOrReuseLoop(runner: Runner, file: string): Promise<string> {
+/**
+ * The loop device already backed by `file`, or a new one with direct I/O, so
+ * blocks are not cached twice. A filesystem without O_DIRECT (tmpfs, for one)
+ * refuses direct I/O: then the loop device is made without it.
+ */
+export async function attachOrReuseLoop(runner: Runner, file: string, log: Logger): Promise<string> {
   const existing = await loopsOf(runner, file);
   if (existing[0] !== undefined) return existing[0];
-  return attachLoop(runner, file, { directIo: true });
+  try {
+    return await attachLoop(runner, file, { directIo: true });
+  } catch (err) {
+    log.warn("loop device without direct I/O (the file's filesystem refused it); pages are cached twice", { file, error: errorMessage(err) });
+    return attachLoop(runner, file);
+  }
 }
 
 /** A loop device's `major:minor`, as dm tables print it. */

@@ -154,8 +154,8 @@ export class DmThinPool implements Pool {
       await growSparseFile(this.dataFile, dataBytes);
       metaBytes = await growSparseFile(this.metaFile, metaBytes);
 
-      const dataLoop = await attachOrReuseLoop(this.runner, this.dataFile);
-      const metaLoop = await attachOrReuseLoop(this.runner, this.metaFile);
+      const dataLoop = await attachOrReuseLoop(this.runner, this.dataFile, this.log);
+      const metaLoop = await attachOrReuseLoop(this.runner, this.metaFile, this.log);
       const dataNo = await loopDeviceNumber(this.runner, dataLoop);
       const metaNo = await loopDeviceNumber(this.runner, metaLoop);
 

@@ -92,6 +92,8 @@ export class FakeDmKernel {
   thinPoolLoaded = true;
   /** Whether dm-thin-pool exists as a module; the kernel loads it when a table first uses it. */
   thinPoolModuleExists = true;
+  /** Whether the backing files' filesystem refuses O_DIRECT (tmpfs does). */
+  directIoRefused = false;
   /** Whether `modprobe dm_thin_pool` works (in a container it usually cannot). */
   modprobeWorks = false;
   /** Every command run, as `command arg...` lines. */
@@ -296,6 +298,9 @@ export class FakeDmKernel {
     const a = [...args];
     if (a[0] === "--find" && a[1] === "--show") {
       const file = a[a.length - 1] ?? "";
+      if (this.directIoRefused && a.includes("--direct-io=on")) {
+        return commandFailure(`losetup: ${file}: failed to set up loop device: Invalid argument`);
+      }
       let minor = 0;
       while (this.loops.has(`/dev/loop${minor}`)) minor++;
       const dev = `/dev/loop${minor}`;

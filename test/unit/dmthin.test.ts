@@ -4,6 +4,7 @@ import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { ConflictError, InvalidRequestError, NoSpaceError, NotFoundError } from "../../src/errors.js";
 import { BLOCK, GiB, MiB, cleanupFixtures, dmThinFixture } from "../support/dmthin-fixture.js";
+import { FakeDmKernel } from "../support/fake-dm-kernel.js";
 
 after(cleanupFixtures);
 
@@ -28,6 +29,16 @@ describe("dm-thin pool: open", () => {
     assert.equal(usage.dataTotalBytes, 10 * GiB);
     assert.equal(usage.dataUsedBytes, 0);
     assert.equal(usage.metaTotalBytes, 8 * MiB);
+  });
+
+  test("on a filesystem that refuses direct I/O the loop devices are made without it", async () => {
+    const kernel = new FakeDmKernel();
+    kernel.directIoRefused = true;
+    const f = await dmThinFixture({ kernel });
+    assert.equal(kernel.loops.size, 2);
+    assert.ok([...kernel.loops.values()].every((l) => !l.directIo));
+    await f.pool.create("db", GiB);
+    assert.ok(f.logs.some((l) => / warn loop device without direct I\/O/.test(l)));
   });
 
   test("metadata is at least 2 MiB", async () => {
