@@ -24,7 +24,7 @@ import {
   thinTable,
   type ThinPoolStatus,
 } from "../system/dmsetup.js";
-import { refreshLoopSize } from "../system/losetup.js";
+import { loopsOf, refreshLoopSize } from "../system/losetup.js";
 import type { Runner } from "../system/runner.js";
 import { checkThinMetadata } from "../system/thin-tools.js";
 import { attachOrReuseLoop, fileSize, growSparseFile, loopDeviceNumber, metadataIsBlank, metadataSizeFor } from "./dmthin-backing.js";
@@ -154,10 +154,10 @@ export class DmThinPool implements Pool {
       await growSparseFile(this.dataFile, dataBytes);
       metaBytes = await growSparseFile(this.metaFile, metaBytes);
 
-      const dataLoop = await attachOrReuseLoop(this.runner, this.dataFile, this.log);
-      const metaLoop = await attachOrReuseLoop(this.runner, this.metaFile, this.log);
-      const dataNo = await loopDeviceNumber(this.runner, dataLoop);
-      const metaNo = await loopDeviceNumber(this.runner, metaLoop);
+      let dataLoop = await attachOrReuseLoop(this.runner, this.dataFile, this.log);
+      let metaLoop = await attachOrReuseLoop(this.runner, this.metaFile, this.log);
+      let dataNo = await loopDeviceNumber(this.runner, dataLoop);
+      let metaNo = await loopDeviceNumber(this.runner, metaLoop);
 
       const live = (await listDevices(this.runner)).get(this.poolName);
       let liveLength = 0;
@@ -165,6 +165,9 @@ export class DmThinPool implements Pool {
         // Left suspended by a crash during a grow: resuming makes a loaded larger table live.
         if (live.suspended) await resumeDevice(this.runner, this.poolName);
         const table = parseThinPoolTable(this.poolName, await tableOf(this.runner, this.poolName));
+        // A file can have more than one loop device; use the ones the live pool uses.
+        if (table.dataDevice !== dataNo) [dataLoop, dataNo] = await this.loopOfFileNumbered(this.dataFile, table.dataDevice, [dataLoop, dataNo]);
+        if (table.metaDevice !== metaNo) [metaLoop, metaNo] = await this.loopOfFileNumbered(this.metaFile, table.metaDevice, [metaLoop, metaNo]);
         if (table.dataDevice !== dataNo || table.metaDevice !== metaNo || table.blockSizeSectors !== state.blockSizeSectors) {
           throw new ThinvolError(
             `device ${this.poolName} is active but is not the pool in ${this.dir}: it uses data ${table.dataDevice}, metadata ${table.metaDevice}, ` +
@@ -246,6 +249,14 @@ export class DmThinPool implements Pool {
         ms: Date.now() - started,
       });
     });
+  }
+
+  /** The loop device of `file` whose number is `devno`, or `fallback`. */
+  private async loopOfFileNumbered(file: string, devno: string, fallback: [string, string]): Promise<[string, string]> {
+    for (const dev of await loopsOf(this.runner, file)) {
+      if ((await loopDeviceNumber(this.runner, dev)) === devno) return [dev, devno];
+    }
+    return fallback;
   }
 
   private async initState(): Promise<PoolState> {

@@ -63,6 +63,21 @@ describe("dm-thin pool: open", () => {
     assert.equal(f.kernel.device("thinvol-db")?.openCount, 1);
   });
 
+  test("a second loop device on the data file does not confuse a restart", async () => {
+    const f = await dmThinFixture();
+    await f.pool.create("db", GiB);
+    const stray = (await f.kernel.runner.run("losetup", ["--find", "--show", f.dataFile])).stdout;
+    // Make the kernel list the stray loop device first.
+    for (const [dev, loop] of [...f.kernel.loops]) {
+      if (dev === stray) continue;
+      f.kernel.loops.delete(dev);
+      f.kernel.loops.set(dev, loop);
+    }
+    const pool = await f.reopen();
+    assert.deepEqual(await pool.list(), ["db"]);
+    assert.ok(!f.kernel.log.some((c) => /^dmsetup (load|suspend)/.test(c)));
+  });
+
   test("after a reboot the pool is rebuilt from its files, checked first, with every volume and its data", async () => {
     const f = await dmThinFixture();
     await f.pool.create("db", GiB);
