@@ -100,11 +100,10 @@ export function parseThinStatus(name: string, text: string): ThinStatus {
 
 export function parseThinPoolTable(name: string, text: string): ThinPoolTable {
   const { length, target, rest } = splitSegment(name, "table", text);
-  const [meta, data, block, low, count, ...features] = rest;
+  const [meta, data, block, low, , ...features] = rest; // the feature count is implied
   if (target !== "thin-pool" || meta === undefined || data === undefined || !/^\d+$/.test(block ?? "") || !/^\d+$/.test(low ?? "")) {
     throw new Error(`${name} does not have a thin-pool table: ${JSON.stringify(text)}`);
   }
-  void count;
   return {
     lengthSectors: length,
     metaDevice: meta,
