@@ -12,7 +12,14 @@ export interface Reply {
 export function callPlugin(socketPath: string, method: string, body: unknown = {}): Promise<Reply> {
   return new Promise((resolve, reject) => {
     const req = request(
-      { socketPath, path: `/${method}`, method: "POST", headers: { Accept: "application/vnd.docker.plugins.v1.2+json" } },
+      {
+        socketPath,
+        path: `/${method}`,
+        method: "POST",
+        // Docker's plugin client sends no Host header; neither do we, to catch a server that rejects that.
+        setHost: false,
+        headers: { Accept: "application/vnd.docker.plugins.v1.2+json" },
+      },
       (res) => {
         let text = "";
         res.setEncoding("utf8");
@@ -53,17 +60,22 @@ export async function startServer(bundle: string, env: Record<string, string>): 
   child.stderr?.on("data", (d: Buffer) => (out += d.toString()));
   const socket = env["SOCKET_PATH"] ?? "";
   const deadline = Date.now() + 60_000;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`the server exited with ${child.exitCode}:\n${out}`);
-    if (/ ready /.test(out)) {
-      await callOk(socket, "VolumeDriver.List");
-      return { child, output: () => out };
+  try {
+    while (Date.now() < deadline) {
+      if (child.exitCode !== null) throw new Error(`the server exited with ${child.exitCode}:\n${out}`);
+      if (/ ready /.test(out)) {
+        await callOk(socket, "VolumeDriver.List");
+        return { child, output: () => out };
+      }
+      if (/start-up failed/.test(out)) throw new Error(`the server could not start:\n${out}`);
+      await sleep(50);
     }
-    if (/start-up failed/.test(out)) throw new Error(`the server could not start:\n${out}`);
-    await sleep(50);
+    throw new Error(`the server did not become ready within 60 s:\n${out}`);
+  } catch (err) {
+    // A server left running would keep the test process alive forever.
+    child.kill("SIGKILL");
+    throw err;
   }
-  child.kill("SIGKILL");
-  throw new Error(`the server did not become ready within 60 s:\n${out}`);
 }
 
 export async function stopServer(server: ServerProcess, signal: NodeJS.Signals = "SIGTERM"): Promise<number | null> {
