@@ -10,7 +10,8 @@ export async function listenOnSocket(app: Hono, socketPath: string): Promise<Ser
   await rm(socketPath, { force: true });
   // Docker's plugin client sends an empty Host header over the unix socket; without a
   // default hostname @hono/node-server answers every daemon request 400 Bad Request.
-  const server = createServer(getRequestListener(app.fetch, { hostname: "localhost" }));
+  // Node also refuses HTTP/1.1 requests with no Host header at all unless told not to.
+  const server = createServer({ requireHostHeader: false }, getRequestListener(app.fetch, { hostname: "localhost" }));
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(socketPath, () => {

@@ -40,7 +40,7 @@ tier vm bash test/vm/run-tier.sh
 # Node's spec reporter closes each run with "ℹ pass N", "ℹ fail N", "ℹ skipped N".
 sum() { cat "$logdir"/*.log 2>/dev/null | sed -n "s/^ℹ $1 \([0-9]*\)$/\1/p" | awk '{s+=$1} END {print s+0}'; }
 passed=$(sum pass)
-failed=$(sum fail)
+failed=$(( $(sum fail) + $(sum cancelled) ))
 skipped=$(sum skipped)
 echo
 for t in "${!seconds[@]}"; do echo "tier $t: ${seconds[$t]} s"; done

@@ -4,18 +4,26 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { createConnection } from "node:net";
 import { mkdtemp, readFile, readdir, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { readMounts } from "../../src/system/mount.js";
-import { loopDevicesUnder, mountsUnder, tearDownLoopPool } from "../support/kernel.js";
+import { dmDevicesNamed, loopDevicesUnder, mountsUnder, tearDownPool } from "../support/kernel.js";
 import { callOk, callPlugin, startServer, stopServer, type ServerProcess } from "../support/plugin-client.js";
 
 const bundle = join(import.meta.dirname, "..", "..", "dist", "thinvol.mjs");
 const MiB = 1024 ** 2;
+/** loop here; the VM tier (and a host with dm-thin) runs the same tests with dm-thin. */
+const driver = process.env["THINVOL_TEST_POOL_DRIVER"] === "dm-thin" ? "dm-thin" : "loop";
+/** The dm-thin driver names its devices `thinvol-pool` and `thinvol-<volume>`. */
+const DM_PREFIX = "thinvol-";
+/** The files on the host that hold the pool's data. */
+const poolDataFile = (dir: string) =>
+  driver === "loop" ? join(dir, "state", "pool-loop", "pool.img") : join(dir, "state", "pool-dm-thin", "data.img");
 
-describe("thinvol server with the loop pool", () => {
+describe(`thinvol server with the ${driver} pool`, () => {
   let dir: string;
   let env: Record<string, string>;
   let server: ServerProcess;
@@ -34,7 +42,7 @@ describe("thinvol server with the loop pool", () => {
       SOCKET_PATH: sock,
       STATE_DIR: join(dir, "state"),
       MOUNT_DIR: join(dir, "volumes"),
-      POOL_DRIVER: process.env["THINVOL_TEST_POOL_DRIVER"] ?? "loop",
+      POOL_DRIVER: driver,
       POOL_SIZE: "3G",
       DEFAULT_SIZE: "64M",
       MIN_FREE_SPACE: "5",
@@ -45,8 +53,23 @@ describe("thinvol server with the loop pool", () => {
   after(async () => {
     if (server) await stopServer(server);
     for (const m of (await mountsUnder(join(dir, "volumes"))).reverse()) execFileSync("umount", [m]);
-    await tearDownLoopPool(dir);
+    await tearDownPool(dir, driver === "dm-thin" ? DM_PREFIX : undefined);
     await rm(dir, { recursive: true, force: true });
+  });
+
+  test("requests with an empty Host header or none at all, as dockerd sends them, are answered", async () => {
+    for (const hostLine of ["Host: \r\n", ""]) {
+      const raw = await new Promise<string>((resolve, reject) => {
+        const conn = createConnection(sock);
+        let text = "";
+        conn.on("data", (d) => (text += d.toString()));
+        conn.on("end", () => resolve(text));
+        conn.on("error", reject);
+        conn.end(`POST /Plugin.Activate HTTP/1.1\r\n${hostLine}Content-Length: 0\r\nConnection: close\r\n\r\n`);
+      });
+      assert.match(raw, /^HTTP\/1\.1 200/);
+      assert.match(raw, /\{"Implements":\["VolumeDriver"\]\}/);
+    }
   });
 
   test("a volume is a block device of the requested size with an empty root", async () => {
@@ -162,8 +185,9 @@ describe("thinvol server with the loop pool", () => {
     await stopServer(server, "SIGKILL");
     // What a host reboot leaves: no mounts, no loop devices; only the files.
     for (const m of (await mountsUnder(join(dir, "volumes"))).reverse()) execFileSync("umount", [m]);
-    await tearDownLoopPool(dir);
+    await tearDownPool(dir, driver === "dm-thin" ? DM_PREFIX : undefined);
     assert.deepEqual(await loopDevicesUnder(dir), []);
+    assert.deepEqual(await dmDevicesNamed(DM_PREFIX), []);
     server = await startServer(bundle, env);
     assert.equal((await callOk(sock, "VolumeDriver.Path", { Name: "keep" }))["Mountpoint"], undefined);
     const again = await mount("keep", "c-after");
@@ -178,25 +202,30 @@ describe("thinvol server with the loop pool", () => {
     const mp = await mount("trash", "c1");
     await writeFile(join(mp, "blob"), Buffer.alloc(128 * MiB, 3));
     await unmount("trash", "c1");
-    const pool = join(dir, "state", "pool-loop", "pool.img");
+    const pool = poolDataFile(dir);
     const before = (await stat(pool)).blocks * 512;
     await callOk(sock, "VolumeDriver.Remove", { Name: "trash" });
     const afterRemove = (await stat(pool)).blocks * 512;
     assert.ok(before - afterRemove >= 120 * MiB, `the pool file shrank by only ${before - afterRemove} bytes`);
     assert.equal(await isMounted(mp), false);
     assert.deepEqual((await loopDevicesUnder(dir)).filter((l) => l.includes("trash")), []);
-    await assert.rejects(stat(join(dir, "state", "pool-loop", "mnt", "volumes", "trash.img")), { code: "ENOENT" });
+    assert.deepEqual(await dmDevicesNamed(`${DM_PREFIX}trash`), []);
+    if (driver === "loop") await assert.rejects(stat(join(dir, "state", "pool-loop", "mnt", "volumes", "trash.img")), { code: "ENOENT" });
     await assert.rejects(stat(join(dir, "state", "volumes", "trash.json")), { code: "ENOENT" });
     const reply = await callPlugin(sock, "VolumeDriver.Get", { Name: "trash" });
     assert.match(String(reply.body["Err"]), /volume "trash" does not exist/);
   });
 
-  test("removing every volume leaves only the pool's own loop device", async () => {
+  test("removing every volume leaves only the pool's own devices", async () => {
     const list = (await callOk(sock, "VolumeDriver.List"))["Volumes"] as { Name: string }[];
     for (const v of list) await callOk(sock, "VolumeDriver.Remove", { Name: v.Name });
     assert.deepEqual(await mountsUnder(join(dir, "volumes")), []);
-    const loops = await loopDevicesUnder(dir);
-    assert.equal(loops.length, 1, loops.join("\n"));
-    assert.match(loops[0] ?? "", /pool\.img$/);
+    const loops = (await loopDevicesUnder(dir)).map((l) => l.replace(/^\S+ /, "").replace(dir, ""));
+    if (driver === "loop") {
+      assert.deepEqual(loops, ["/state/pool-loop/pool.img"]);
+    } else {
+      assert.deepEqual(loops.sort(), ["/state/pool-dm-thin/data.img", "/state/pool-dm-thin/meta.img"]);
+      assert.deepEqual(await dmDevicesNamed(DM_PREFIX), [`${DM_PREFIX}pool`]);
+    }
   });
 });
