@@ -28,7 +28,7 @@ import { loopsOf, refreshLoopSize } from "../system/losetup.js";
 import type { Runner } from "../system/runner.js";
 import { checkThinMetadata } from "../system/thin-tools.js";
 import { attachOrReuseLoop, fileSize, growSparseFile, loopDeviceNumber, metadataIsBlank, metadataSizeFor } from "./dmthin-backing.js";
-import { Mutex } from "./dmthin-lock.js";
+import { KeyedLock } from "../locks.js";
 import { MAX_THIN_ID, loadState, saveState, stateFile, type Pending, type PoolState, type VolumeRecord } from "./dmthin-state.js";
 import type { CloneOptions, Pool, PoolUsage } from "./types.js";
 
@@ -81,7 +81,8 @@ export class DmThinPool implements Pool {
   private readonly minFreePercent: number;
   private readonly dataFile: string;
   private readonly metaFile: string;
-  private readonly lock = new Mutex();
+  /** Ids and transaction ids are handed out one operation at a time. */
+  private readonly lock = new KeyedLock();
 
   private state: PoolState | undefined;
   /** major:minor of the pool device, for thin tables (no /dev node needed). */
@@ -126,7 +127,7 @@ export class DmThinPool implements Pool {
   // ---------------------------------------------------------------- open
 
   open(): Promise<void> {
-    return this.lock.run(async () => {
+    return this.lock.with("pool", async () => {
       const started = Date.now();
       await mkdir(this.dir, { recursive: true, mode: 0o700 });
       const state = (await loadState(this.dir)) ?? (await this.initState());
@@ -320,7 +321,7 @@ export class DmThinPool implements Pool {
   }
 
   async close(): Promise<void> {
-    await this.lock.run(async () => {
+    await this.lock.with("pool", async () => {
       this.state = undefined;
       this.poolDevice = "";
     });
@@ -488,7 +489,7 @@ export class DmThinPool implements Pool {
   }
 
   create(name: string, sizeBytes: number): Promise<void> {
-    return this.lock.run(async () => {
+    return this.lock.with("pool", async () => {
       const started = Date.now();
       try {
         await this.settlePending();
@@ -516,7 +517,7 @@ export class DmThinPool implements Pool {
   clone(name: string, origin: string, _options?: CloneOptions): Promise<void> {
     // The origin device is suspended for the snapshot, which freezes a filesystem
     // mounted on it, so the mountpoint is not needed.
-    return this.lock.run(async () => {
+    return this.lock.with("pool", async () => {
       const started = Date.now();
       const what = `clone "${origin}" as`;
       try {
@@ -563,7 +564,7 @@ export class DmThinPool implements Pool {
   }
 
   activate(name: string): Promise<string> {
-    return this.lock.run(async () => {
+    return this.lock.with("pool", async () => {
       try {
         await this.settlePending();
         const vol = this.volume(name);
@@ -593,7 +594,7 @@ export class DmThinPool implements Pool {
   }
 
   deactivate(name: string): Promise<void> {
-    return this.lock.run(async () => {
+    return this.lock.with("pool", async () => {
       const devName = this.deviceName(name);
       try {
         const dev = await deviceInfo(this.runner, devName);
@@ -645,7 +646,7 @@ export class DmThinPool implements Pool {
   }
 
   remove(name: string): Promise<void> {
-    return this.lock.run(async () => {
+    return this.lock.with("pool", async () => {
       const started = Date.now();
       try {
         await this.settlePending();

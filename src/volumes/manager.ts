@@ -7,7 +7,7 @@ import { formatSize } from "../size.js";
 import { baseMountOptions, formatFilesystem, type FsType } from "../system/filesystem.js";
 import { mountDevice, readMounts, unmount, type MountEntry } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
-import { KeyedLock } from "./locks.js";
+import { KeyedLock } from "../locks.js";
 import { checkSize, checkVolumeName, parseCreateOptions } from "./options.js";
 import type { RecordStore, VolumeRecord } from "./records.js";
 import type { VolumeInfo, VolumeService, VolumeSummary } from "./types.js";
