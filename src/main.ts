@@ -48,6 +48,7 @@ async function main(): Promise<void> {
       stateDir: settings.STATE_DIR,
       setting: settings.POOL_DRIVER,
       dataSizeBytes: settings.POOL_SIZE,
+      minFreePercent: settings.MIN_FREE_SPACE,
       log,
     });
     const records = new RecordStore(join(settings.STATE_DIR, "volumes"));

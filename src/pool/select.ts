@@ -13,6 +13,8 @@ export interface PoolSelection {
   stateDir: string;
   setting: "auto" | PoolDriverName;
   dataSizeBytes: number;
+  /** MIN_FREE_SPACE: dm-thin also checks it under its own lock, where creates are serialised. */
+  minFreePercent: number;
   log: Logger;
 }
 
@@ -46,7 +48,7 @@ export async function selectPool(o: PoolSelection): Promise<Pool> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const pool: Pool =
     driver === "dm-thin"
-      ? new DmThinPool({ runner: o.runner, dir, dataSizeBytes: o.dataSizeBytes, log: o.log })
+      ? new DmThinPool({ runner: o.runner, dir, dataSizeBytes: o.dataSizeBytes, log: o.log, minFreePercent: o.minFreePercent })
       : new LoopPool({ runner: o.runner, dir, dataSizeBytes: o.dataSizeBytes, log: o.log });
   await pool.open();
   if (saved === undefined) await writeFileAtomic(choiceFile, JSON.stringify({ driver }) + "\n");
