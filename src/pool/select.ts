@@ -39,7 +39,7 @@ export async function selectPool(o: PoolSelection): Promise<Pool> {
       );
     }
   } else if (o.setting === "auto") {
-    driver = (await dmThinAvailable(o.runner, o.log)) ? "dm-thin" : "loop";
+    driver = (await dmThinAvailable(o.runner, o.log, o.stateDir)) ? "dm-thin" : "loop";
     o.log.info("pool driver chosen", { driver, reason: driver === "dm-thin" ? "the kernel has dm-thin" : "the kernel has no dm-thin" });
   } else {
     driver = o.setting;
