@@ -6,11 +6,16 @@
 #   /lower   the host's whole "/" over 9p, read-only        (mount_tag hostroot)
 #   /rw      a tmpfs holding the overlay's upper and work dirs
 #   /newroot overlay(lower=/lower, upper=/rw/upper)  -> every host path, writable, throwaway
-# then switch_root to /newroot and exec stage 2 (test/vm/guest-init.sh, read from the host
+# then mounts the API filesystems (proc, sys, dev, cgroup2, tmpfs /tmp and /run, ...) inside
+# /newroot, switch_roots to it and execs stage 2 (test/vm/guest-init.sh, read from the host
 # through the new root, so editing it needs no initramfs rebuild).
+#
+# The mounting is done here rather than in stage 2 because busybox is static and already in
+# memory: under TCG every exec of a dynamically linked binary from 9p costs 0.1-0.7 s.
 #
 # Parameters come from the kernel command line (set by vm.sh):
 #   thinvol.init=<path of guest-init.sh>   thinvol.tmpfs=<size of the overlay tmpfs>
+#   thinvol.share=<host dir shared read-write as mount_tag hostshare, mounted at that path>
 #   thinvol.9pcache=<9p cache mode for the root>
 # Anything going wrong here is printed to the console (the console log on the host) and the
 # VM is powered off; vm.sh then reports that no exit status arrived.
@@ -32,11 +37,13 @@ exec </dev/console >/dev/console 2>&1
 echo 1 >/proc/sys/kernel/sysrq
 
 init=
+share=
 tmpfs_size=16G
 cache=loose
 for arg in $(cat /proc/cmdline); do
   case $arg in
     thinvol.init=*) init=${arg#thinvol.init=} ;;
+    thinvol.share=*) share=${arg#thinvol.share=} ;;
     thinvol.tmpfs=*) tmpfs_size=${arg#thinvol.tmpfs=} ;;
     thinvol.9pcache=*) cache=${arg#thinvol.9pcache=} ;;
   esac
@@ -49,6 +56,7 @@ while read -r ko; do
   insmod "/modules/$ko" || fail "insmod $ko"
 done </modules/order
 
+# --- the root: 9p lower + tmpfs upper ----------------------------------------------------------
 mkdir -p /lower /rw /newroot
 # msize: the largest 9p message the virtio transport takes (the kernel clamps it); bigger
 # messages mean fewer round trips, which matters a lot under TCG.
@@ -61,11 +69,46 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay overlay \
   -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work,index=off,redirect_dir=off,metacopy=off,xino=off \
   /newroot || fail "mount overlay"
-
 [ -f "/newroot$init" ] || fail "stage 2 $init not found in the host root"
 
-# Hand /dev over to the new root (stage 2 mounts the rest itself).
-mount --move /dev /newroot/dev || fail "move /dev"
+# --- API filesystems inside the new root -------------------------------------------------------
+r=/newroot
+mount --move /dev $r/dev || fail "move /dev"
+mount -t proc proc $r/proc || fail "mount proc"
+mount -t sysfs sysfs $r/sys || fail "mount sysfs"
 umount /sys
 umount /proc
-exec switch_root /newroot /bin/bash "$init"
+mkdir -p $r/dev/pts $r/dev/shm $r/dev/mqueue
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $r/dev/pts
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs $r/dev/shm
+mount -t mqueue mqueue $r/dev/mqueue
+ln -sfn /proc/self/fd $r/dev/fd
+ln -sfn /proc/self/fd/0 $r/dev/stdin
+ln -sfn /proc/self/fd/1 $r/dev/stdout
+ln -sfn /proc/self/fd/2 $r/dev/stderr
+mount -t tmpfs -o mode=0755,nosuid,nodev,size=1G tmpfs $r/run
+# /tmp is RAM-backed and large: sparse pool files and a dockerd --data-root go here (overlay2
+# cannot use the overlay root as its backing fs). Only the space really used costs memory.
+mount -t tmpfs -o mode=1777,size=$tmpfs_size tmpfs $r/tmp
+mount -t cgroup2 -o nsdelegate cgroup2 $r/sys/fs/cgroup || fail "mount cgroup2"
+mount -t securityfs securityfs $r/sys/kernel/security 2>/dev/null
+mount -t debugfs debugfs $r/sys/kernel/debug 2>/dev/null
+# A fresh dockerd/containerd state that never sees the host's (read-only underneath) state.
+mkdir -p $r/var/lib/docker $r/var/lib/containerd
+mount -t tmpfs -o mode=0711 tmpfs $r/var/lib/docker
+mount -t tmpfs -o mode=0711 tmpfs $r/var/lib/containerd
+[ "$(readlink $r/var/run)" = /run ] || { rm -rf $r/var/run; ln -s /run $r/var/run; }
+
+# The host directory shared read-write, at the same path. cache=none: the host reads the
+# results while or right after the VM writes them.
+if [ -n "$share" ]; then
+  mkdir -p "$r$share"
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none hostshare "$r$share" ||
+    echo "thinvol-vm: could not mount the read-write share at $share"
+fi
+
+hostname thinvol-vm
+echo thinvol-vm >$r/etc/hostname
+ip link set lo up
+
+exec switch_root $r /bin/bash "$init"

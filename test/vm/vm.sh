@@ -15,10 +15,10 @@
 #   console ttyS0           -> $VM_CACHE_DIR/logs/*.console.log (kernel + init messages)
 #   virtio port thinvol.out -> this script's stdout (the command's output, nothing else)
 # Boot: qemu -kernel /boot/vmlinuz-<ver> -initrd <small busybox initramfs built here and
-# cached> ; initramfs-init.sh mounts the 9p root + overlay and switch_roots into
-# guest-init.sh, which mounts /proc, /sys, /dev, cgroup2, tmpfs /tmp and /run, loads the
-# dm-thin/loop/fs/docker modules, runs the job and prints THINVOL-VM-EXIT=<rc> on the
-# console, which this script reads back.
+# cached> ; initramfs-init.sh mounts the 9p root + overlay, /proc, /sys, /dev, cgroup2,
+# tmpfs /tmp and /run, and switch_roots into guest-init.sh, which loads the dm-thin/loop/fs/
+# docker modules, runs the job and prints THINVOL-VM-EXIT=<rc> on the console, which this
+# script reads back.
 #
 # Variables (all optional):
 #   VM_TIMEOUT=1800      seconds before the VM is killed (exit 124)
@@ -27,8 +27,9 @@
 #   VM_SHARE_DIR=<repo>/.cache/vm/out   host dir mounted read-write at the same path
 #   VM_ENV="A B,C"       extra variable names to pass into the VM (CI, THINVOL_*, POOL_*
 #                        always pass)
-#   VM_TMPFS_SIZE=16G    size limit of the tmpfs behind the overlay root (RAM-backed; only
-#                        used space costs memory)
+#   VM_TMPFS_SIZE=16G    size limit of the tmpfs behind the overlay root and of /tmp
+#                        (RAM-backed; only used space costs memory)
+#   VM_CPU=max           qemu -cpu model
 #   VM_ACCEL=tcg         qemu accelerator; KVM exists on the dev machine but hangs, so TCG is
 #                        the default. Set VM_ACCEL=kvm where KVM is known to work.
 #   VM_KERNEL=<ver>      kernel version to boot (default: newest /boot/vmlinuz-* that has
@@ -58,6 +59,8 @@ if (($# == 0)); then
   sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
+# wait -n -p (below) needs bash 5.1.
+((BASH_VERSINFO[0] > 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] >= 1))) || die "needs bash >= 5.1"
 [[ $timeout_s =~ ^[0-9]+$ ]] || die "VM_TIMEOUT must be a number of seconds, got '$timeout_s'"
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found; run: bash test/vm/setup.sh"
 
@@ -266,7 +269,7 @@ qemu=(
   qemu-system-x86_64
   -accel "$accel"
   -machine pc
-  -cpu max
+  -cpu "${VM_CPU:-max}"
   -smp "$cpus"
   -m "$memory"
   -nographic -nodefaults -no-user-config   # no display, no default devices, no monitor
@@ -285,6 +288,7 @@ qemu=(
   -nic none
 )
 
+: >"$console_log"
 start=$(date +%s)
 "${qemu[@]}" </dev/null >"$qemu_log" 2>&1 &
 qemu_pid=$!
@@ -306,7 +310,11 @@ if [[ $finished == "$timer_pid" ]]; then
 fi
 wait "$qemu_pid" && qemu_rc=0 || qemu_rc=$?
 qemu_pid=
-# Let cat drain the last output (it ends when qemu's end of the fifo closes).
+# Let cat drain the last output: it ends when the fifo has no writer left. If qemu died
+# before opening the fifo, cat is still blocked in open(); opening the fifo read-write
+# (which never blocks) and closing it again releases it either way.
+exec 8<>"$fifo"
+exec 8>&-
 wait "$cat_pid" 2>/dev/null || true
 cat_pid=
 
@@ -320,7 +328,7 @@ if [[ -z $rc ]]; then
       echo "vm.sh: qemu said ($qemu_log):"
       tail -n 10 "$qemu_log" | sed 's/^/  | /'
     fi
-  } >&2
+  } >&2 || true
   exit 125
 fi
 ln -sfn "logs/${console_log##*/}" "$cache/console.log"
