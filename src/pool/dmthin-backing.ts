@@ -1,7 +1,4 @@
 import { open, stat } from "node:fs/promises";
-import { errorMessage } from "../errors.js";
-import type { Logger } from "../log.js";
-import { attachLoop, loopsOf } from "../system/losetup.js";
 import type { Runner } from "../system/runner.js";
 
 const MiB = 1024 * 1024;
@@ -51,22 +48,6 @@ export async function metadataIsBlank(path: string): Promise<boolean> {
     return buf.subarray(0, bytesRead).every((b) => b === 0);
   } finally {
     await handle.close();
-  }
-}
-
-/**
- * The loop device already backed by `file`, or a new one with direct I/O, so
- * blocks are not cached twice. A filesystem without O_DIRECT (tmpfs, for one)
- * refuses direct I/O: then the loop device is made without it.
- */
-export async function attachOrReuseLoop(runner: Runner, file: string, log: Logger): Promise<string> {
-  const existing = await loopsOf(runner, file);
-  if (existing[0] !== undefined) return existing[0];
-  try {
-    return await attachLoop(runner, file, { directIo: true });
-  } catch (err) {
-    log.warn("loop device without direct I/O (the file's filesystem refused it); pages are cached twice", { file, error: errorMessage(err) });
-    return attachLoop(runner, file);
   }
 }
 

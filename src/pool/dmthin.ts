@@ -24,10 +24,10 @@ import {
   thinTable,
   type ThinPoolStatus,
 } from "../system/dmsetup.js";
-import { loopsOf, refreshLoopSize } from "../system/losetup.js";
+import { attachOrReuseLoop, loopsOf, refreshLoopSize } from "../system/losetup.js";
 import type { Runner } from "../system/runner.js";
 import { checkThinMetadata } from "../system/thin-tools.js";
-import { attachOrReuseLoop, fileSize, growSparseFile, loopDeviceNumber, metadataIsBlank, metadataSizeFor } from "./dmthin-backing.js";
+import { fileSize, growSparseFile, loopDeviceNumber, metadataIsBlank, metadataSizeFor } from "./dmthin-backing.js";
 import { KeyedLock } from "../locks.js";
 import { MAX_THIN_ID, loadState, saveState, stateFile, type Pending, type PoolState, type VolumeRecord } from "./dmthin-state.js";
 import type { CloneOptions, Pool, PoolUsage } from "./types.js";

@@ -7,7 +7,7 @@ import type { Logger } from "../log.js";
 import { formatSize } from "../size.js";
 import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
 import { freezeFilesystem, thawFilesystem } from "../system/filesystem.js";
-import { attachLoop, detachLoop, loopsOf, refreshLoopSize } from "../system/losetup.js";
+import { attachOrReuseLoop, detachLoop, loopsOf, refreshLoopSize } from "../system/losetup.js";
 import { mountDevice, readMounts } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
 import type { CloneOptions, Pool, PoolUsage } from "./types.js";
@@ -93,9 +93,8 @@ export class LoopPool implements Pool {
   }
 
   /** The pool file's loop device, reusing one that is still attached after a restart. */
-  private async poolDevice(): Promise<string> {
-    const existing = await loopsOf(this.o.runner, this.poolFile);
-    return existing[0] ?? (await attachLoop(this.o.runner, this.poolFile, { directIo: true }));
+  private poolDevice(): Promise<string> {
+    return attachOrReuseLoop(this.o.runner, this.poolFile, this.o.log);
   }
 
   private async isPoolMounted(): Promise<boolean> {
@@ -152,11 +151,8 @@ export class LoopPool implements Pool {
     return (await stat(this.image(name))).size;
   }
 
-  async activate(name: string): Promise<string> {
-    const image = this.image(name);
-    const existing = await loopsOf(this.o.runner, image);
-    if (existing[0] !== undefined) return existing[0];
-    return attachLoop(this.o.runner, image, { directIo: true });
+  activate(name: string): Promise<string> {
+    return attachOrReuseLoop(this.o.runner, this.image(name), this.o.log);
   }
 
   async deactivate(name: string): Promise<void> {

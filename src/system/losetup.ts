@@ -1,3 +1,5 @@
+import { errorMessage } from "../errors.js";
+import type { Logger } from "../log.js";
 import type { Runner } from "./runner.js";
 
 /** Attaches `file` to a free loop device and returns the device path. */
@@ -28,4 +30,20 @@ export async function detachLoop(runner: Runner, device: string): Promise<void> 
 /** Makes a loop device see its backing file's new size. */
 export async function refreshLoopSize(runner: Runner, device: string): Promise<void> {
   await runner.run("losetup", ["--set-capacity", device]);
+}
+
+/**
+ * The loop device already backed by `file`, or a new one with direct I/O, so
+ * blocks are not cached twice. A filesystem without O_DIRECT (tmpfs, for one)
+ * refuses direct I/O: then the loop device is made without it.
+ */
+export async function attachOrReuseLoop(runner: Runner, file: string, log: Logger): Promise<string> {
+  const existing = await loopsOf(runner, file);
+  if (existing[0] !== undefined) return existing[0];
+  try {
+    return await attachLoop(runner, file, { directIo: true });
+  } catch (err) {
+    log.warn("loop device without direct I/O (the file's filesystem refused it); pages are cached twice", { file, error: errorMessage(err) });
+    return attachLoop(runner, file);
+  }
 }
