@@ -4,10 +4,8 @@
 # that check what a user would see. Everything started here is stopped on exit.
 #
 # Environment:
-#   E2E_POOL_DRIVER  run the scenarios with this pool driver only (loop or dm-thin; the
-#                    VM tier sets dm-thin)
-#   THINVOL_DMTHIN_ON_HOST=1  the host kernel has device-mapper (GitHub's runners):
-#                    run the scenarios with loop, then again with dm-thin
+#   E2E_POOL_DRIVER  the pool driver (default loop; the VM tier, which also runs on hosts
+#                    with dm-thin, sets dm-thin)
 #   E2E_POOL_SIZE    POOL_SIZE for the plugin (default 4G)
 #   E2E_PLUGIN       plugin name (default thinvol-e2e)
 #   E2E_KEEP=1       keep the engine's data root after the run, for a post-mortem
@@ -25,13 +23,7 @@ die() { printf '[e2e] error: %s\n' "$*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "the end-to-end tests start dockerd and need root (sudo -E npm run test:e2e)"
 
-if [[ -n ${E2E_POOL_DRIVER:-} ]]; then
-  drivers=("$E2E_POOL_DRIVER")
-elif [[ ${THINVOL_DMTHIN_ON_HOST:-0} == 1 ]]; then
-  drivers=(loop dm-thin)
-else
-  drivers=(loop)
-fi
+drivers=("${E2E_POOL_DRIVER:-loop}")
 export E2E_POOL_SIZE=${E2E_POOL_SIZE:-4G}
 export E2E_PLUGIN=${E2E_PLUGIN:-thinvol-e2e}
 # The plugin's STATE_DIR default is /var/lib/docker-plugins/thinvol inside, the state

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs as root on a kernel with dm-thin (inside the VM, or on a host that has it): every
+# suite that can prove the dm-thin driver, each reported by node's test runner.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+
+export THINVOL_TEST_POOL_DRIVER=dm-thin
+rc=0
+suite() {
+  echo "=== vm tier: $*"
+  local start=$SECONDS
+  "$@" || rc=1
+  echo "=== vm tier: $((SECONDS - start)) s"
+}
+
+suite node --import tsx --test --test-concurrency=1 --test-reporter=spec \
+  test/vm/dmthin-smoke.test.ts test/vm/dmthin-conformance.test.ts test/vm/dmthin-specifics.test.ts
+suite node --import tsx --test --test-reporter=spec test/integration/server.test.ts
+# overlay2 cannot sit on the VM's overlay root, so the engine lives on /tmp (a tmpfs there).
+suite env E2E_POOL_DRIVER=dm-thin E2E_DATA_ROOT=/tmp/thinvol-e2e THINVOL_BUNDLE="$PWD/dist/thinvol.mjs" bash test/e2e/run.sh
+exit $rc
