@@ -6,6 +6,8 @@
 #   npm run plugin:install -- POOL_SIZE=500G state.source=/srv/thinvol
 #   PLUGIN_NAME=thinvol:dev PLUGIN_SETTINGS="POOL_DRIVER=loop LOG_LEVEL=debug" npm run plugin:install
 #
+# THINVOL_PLUGIN_PREBUILT=1 installs plugin/ as it is, without assembling it again.
+#
 # Settings are `docker plugin set` arguments (env KEY=value, or state.source=/dir for the
 # state mount) and are applied while the plugin is still disabled, the only time Docker
 # accepts them. PLUGIN_SETTINGS is split on whitespace; pass values containing spaces as
@@ -44,7 +46,13 @@ if ! docker_info=$(docker version --format '{{.Server.Version}}' 2>&1); then
 fi
 log "engine ${DOCKER_HOST:-(default socket)} runs Docker $docker_info"
 
-run npm run --silent plugin
+if [[ ${THINVOL_PLUGIN_PREBUILT:-0} == 1 ]]; then
+  # The VM tier assembles plugin/ once on the host; rebuilding it under emulation is slow.
+  [[ -f plugin/rootfs/thinvol.mjs ]] || die "THINVOL_PLUGIN_PREBUILT=1 but plugin/rootfs holds no bundle; run npm run plugin"
+  log "using the plugin already assembled in plugin/ (THINVOL_PLUGIN_PREBUILT=1)"
+else
+  run npm run --silent plugin
+fi
 
 # `docker plugin inspect` fails when the plugin does not exist; that is the only
 # check needed, so its message is not shown.

@@ -4,7 +4,7 @@ import { ConflictError, NoSpaceError, NotFoundError, ThinvolError, errorMessage 
 import type { Logger } from "../log.js";
 import type { Pool, PoolUsage } from "../pool/types.js";
 import { formatSize } from "../size.js";
-import { baseMountOptions, formatFilesystem, type FsType } from "../system/filesystem.js";
+import { baseMountOptions, formatFilesystem, thawFilesystem, type FsType } from "../system/filesystem.js";
 import { mountDevice, readMounts, unmount, type MountEntry } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
 import { KeyedLock } from "../locks.js";
@@ -386,6 +386,7 @@ export class VolumeManager implements VolumeService {
       }
       const refs = totalReferences(record);
       const mounted = await this.isMounted(name);
+      if (mounted) await this.thawIfFrozen(name);
       if (refs > 0 && !mounted) {
         this.o.log.warn("dropping mount references whose mount is gone", { volume: name, references: refs });
         record.mounts = {};
@@ -398,6 +399,16 @@ export class VolumeManager implements VolumeService {
         await this.o.pool.deactivate(name);
       }
     });
+  }
+
+  /** A clone interrupted by a crash can leave its origin frozen, and every write to it blocked. */
+  private async thawIfFrozen(name: string): Promise<void> {
+    try {
+      await thawFilesystem(this.o.runner, this.mountpointOf(name));
+      this.o.log.warn("thawed a filesystem left frozen by an interrupted clone", { volume: name });
+    } catch {
+      // Not frozen: the usual case.
+    }
   }
 }
 

@@ -52,6 +52,14 @@ describe(`thinvol server with the ${driver} pool`, () => {
 
   after(async () => {
     if (server) await stopServer(server);
+    // A failed freeze test must not leave a writer blocked for ever.
+    for (const m of await mountsUnder(join(dir, "volumes"))) {
+      try {
+        execFileSync("fsfreeze", ["--unfreeze", m], { stdio: "ignore" });
+      } catch {
+        // not frozen
+      }
+    }
     for (const m of (await mountsUnder(join(dir, "volumes"))).reverse()) execFileSync("umount", [m]);
     await tearDownPool(dir, driver === "dm-thin" ? DM_PREFIX : undefined);
     await rm(dir, { recursive: true, force: true });
@@ -178,6 +186,17 @@ describe(`thinvol server with the ${driver} pool`, () => {
     await unmount("durable", "c9");
     const names = ((await callOk(sock, "VolumeDriver.List"))["Volumes"] as { Name: string }[]).map((v) => v.Name);
     for (const n of ["sized", "keep", "small", "x", "orig", "copy", "shared", "durable"]) assert.ok(names.includes(n), n);
+  });
+
+  test("a filesystem left frozen by a crash in the middle of a clone is thawed at the next start", { timeout: 60_000 }, async () => {
+    await create("frozen");
+    const mp = await mount("frozen", "c1");
+    execFileSync("fsfreeze", ["--freeze", mp]);
+    await stopServer(server, "SIGKILL");
+    server = await startServer(bundle, env);
+    await writeFile(join(mp, "after"), "writable again"); // would block for ever on a frozen filesystem
+    assert.match(server.output(), /thawed a filesystem left frozen by an interrupted clone volume=frozen/);
+    await unmount("frozen", "c1");
   });
 
   test("after a reboot (pool torn down, mounts gone) everything comes back and stale references are dropped", async () => {

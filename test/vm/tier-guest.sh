@@ -17,5 +17,5 @@ suite node --import tsx --test --test-concurrency=1 --test-reporter=spec \
   test/vm/dmthin-smoke.test.ts test/vm/dmthin-conformance.test.ts test/vm/dmthin-specifics.test.ts
 suite node --import tsx --test --test-reporter=spec test/integration/server.test.ts
 # overlay2 cannot sit on the VM's overlay root, so the engine lives on /tmp (a tmpfs there).
-suite env E2E_POOL_DRIVER=dm-thin E2E_DATA_ROOT=/tmp/thinvol-e2e THINVOL_BUNDLE="$PWD/dist/thinvol.mjs" bash test/e2e/run.sh
+suite env E2E_POOL_DRIVER=dm-thin E2E_DATA_ROOT=/tmp/thinvol-e2e bash test/e2e/run.sh
 exit $rc
