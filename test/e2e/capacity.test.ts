@@ -9,7 +9,7 @@ import { allocatedBytes, createVolume, docker, env, MiB, removeVolumes, runIn, r
 const created: string[] = [];
 after(() => removeVolumes(...created));
 
-test("a 64M volume is a ~64 MiB filesystem and refuses a 100 MiB write", { timeout: 120_000 }, async () => {
+test("a 64M volume is a ~64 MiB filesystem and refuses a 100 MiB write", async () => {
   const name = uniqueName("size");
   created.push(name);
   await createVolume(name, { size: "64M" });
@@ -26,7 +26,7 @@ test("a 64M volume is a ~64 MiB filesystem and refuses a 100 MiB write", { timeo
   assert.match(write.stderr + write.stdout, /No space left on device/);
 });
 
-test("docker volume rm returns the volume's space to the host", { timeout: 180_000 }, async () => {
+test("docker volume rm returns the volume's space to the host", async () => {
   const name = uniqueName("space");
   // Reading allocation before the volume exists: a fresh pool may still grow its
   // metadata on the first create, so the baseline is taken after creating.

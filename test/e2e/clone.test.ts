@@ -10,7 +10,7 @@ after(async () => {
   await removeVolumes(...volumes);
 });
 
-test("a clone has the data of the moment; later writes to either stay apart", { timeout: 120_000 }, async () => {
+test("a clone has the data of the moment; later writes to either stay apart", async () => {
   const origin = uniqueName("origin");
   const clone = uniqueName("clone");
   volumes.push(origin, clone);
@@ -32,7 +32,7 @@ test("a clone has the data of the moment; later writes to either stay apart", { 
   assert.equal(status["origin"], origin, `a clone names its origin: ${JSON.stringify(status)}`);
 });
 
-test("a volume in use by a running container can be cloned", { timeout: 120_000 }, async () => {
+test("a volume in use by a running container can be cloned", async () => {
   const origin = uniqueName("busy");
   const clone = uniqueName("busy-clone");
   const holder = uniqueName("busy-holder");

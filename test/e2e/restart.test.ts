@@ -38,7 +38,7 @@ async function assertAllThere(data: Map<string, string>, when: string): Promise<
   }
 }
 
-test("volumes survive docker plugin disable and enable", { timeout: 240_000 }, async () => {
+test("volumes survive docker plugin disable and enable", async () => {
   const data = await makeVolumes();
   // -f: Docker counts every volume as a use of the plugin.
   await dockerOk(["plugin", "disable", "-f", env.plugin]);
@@ -46,7 +46,7 @@ test("volumes survive docker plugin disable and enable", { timeout: 240_000 }, a
   await assertAllThere(data, "after disable/enable");
 });
 
-test("volumes survive a restart of dockerd", { timeout: 300_000 }, async () => {
+test("volumes survive a restart of dockerd", async () => {
   const data = await makeVolumes();
   await restartEngine();
   await assertAllThere(data, "after the engine restarted");

@@ -7,6 +7,9 @@
 #   E2E_POOL_DRIVER  the pool driver (default loop; the VM tier, which also runs on hosts
 #                    with dm-thin, sets dm-thin)
 #   E2E_POOL_SIZE    POOL_SIZE for the plugin (default 4G)
+#   E2E_TESTS        the scenario files to run (default every test/e2e/*.test.ts)
+#   E2E_TEST_TIMEOUT_MS  a scenario that takes longer has hung (default 300000; the VM,
+#                    under software emulation, needs more)
 #   E2E_PLUGIN       plugin name (default thinvol-e2e)
 #   E2E_KEEP=1       keep the engine's data root after the run, for a post-mortem
 #   THINVOL_BUNDLE   install this server file instead of a fresh build (see build/plugin.sh)
@@ -74,7 +77,10 @@ run_scenarios() {
 
   log "running the scenarios with the $E2E_POOL_DRIVER pool"
   local status=0
-  node --import tsx --test --test-concurrency=1 --test-reporter=spec "$@" test/e2e/*.test.ts || status=$?
+  local -a files
+  read -r -a files <<<"${E2E_TESTS:-$(echo test/e2e/*.test.ts)}"
+  node --import tsx --test --test-concurrency=1 --test-reporter=spec \
+    --test-timeout="${E2E_TEST_TIMEOUT_MS:-300000}" "$@" "${files[@]}" || status=$?
   if ((status != 0)); then
     log "scenarios failed with the $E2E_POOL_DRIVER pool; the last lines of the engine's log (plugin output included):"
     tail -n 60 "$E2E_LOG" >&2 || true

@@ -32,7 +32,7 @@ after(async () => {
   await removeVolumes(...volumes);
 });
 
-test("data written by one container is read by the next; inspect and ls show the volume", { timeout: 120_000 }, async () => {
+test("data written by one container is read by the next; inspect and ls show the volume", async () => {
   const name = uniqueName("persist");
   volumes.push(name);
   await createVolume(name, { size: "128M" });
@@ -54,7 +54,7 @@ test("data written by one container is read by the next; inspect and ls show the
   assert.ok(status["allocated"] !== undefined, `Status.allocated in ${JSON.stringify(status)}`);
 });
 
-test("two containers share a volume; it stays mounted until the last one exits", { timeout: 120_000 }, async () => {
+test("two containers share a volume; it stays mounted until the last one exits", async () => {
   const name = uniqueName("shared");
   const [a, b] = [uniqueName("holder-a"), uniqueName("holder-b")];
   volumes.push(name);
@@ -78,7 +78,7 @@ test("two containers share a volume; it stays mounted until the last one exits",
   assert.equal(await runInOk(name, "cat /d/shared"), "from-a");
 });
 
-test("docker cp into and out of a running container's volume; unmounted after it exits", { timeout: 120_000 }, async () => {
+test("docker cp into and out of a running container's volume; unmounted after it exits", async () => {
   const name = uniqueName("cp");
   const holder = uniqueName("cp-holder");
   volumes.push(name);
