@@ -3,6 +3,7 @@ import { createApp } from "./api/app.js";
 import { ThinvolError, errorMessage } from "./errors.js";
 import { createLogger } from "./log.js";
 import { selectPool } from "./pool/select.js";
+import type { Pool } from "./pool/types.js";
 import { closeServer, listenOnSocket } from "./server.js";
 import { SettingsError, loadSettings } from "./settings.js";
 import { ExecaRunner } from "./system/runner.js";
@@ -29,12 +30,18 @@ async function main(): Promise<void> {
   const server = await listenOnSocket(createApp(service, log), settings.SOCKET_PATH);
   log.info("listening", { socket: settings.SOCKET_PATH });
 
+  let pool: Pool | undefined;
   let stopping = false;
   const stop = async (signal: string) => {
     if (stopping) return;
     stopping = true;
     log.info("stopping: finishing requests in flight; volumes stay as they are", { signal });
     await closeServer(server);
+    try {
+      await pool?.close();
+    } catch (err) {
+      log.warn("could not release the pool", { error: errorMessage(err) });
+    }
     log.info("stopped");
     process.exit(0);
   };
@@ -43,7 +50,7 @@ async function main(): Promise<void> {
 
   try {
     const started = performance.now();
-    const pool = await selectPool({
+    pool = await selectPool({
       runner,
       stateDir: settings.STATE_DIR,
       setting: settings.POOL_DRIVER,

@@ -24,7 +24,7 @@ import {
   thinTable,
   type ThinPoolStatus,
 } from "../system/dmsetup.js";
-import { attachOrReuseLoop, loopsOf, refreshLoopSize } from "../system/losetup.js";
+import { attachOrReuseLoop, detachLoop, loopsOf, refreshLoopSize } from "../system/losetup.js";
 import type { Runner } from "../system/runner.js";
 import { checkThinMetadata } from "../system/thin-tools.js";
 import { fileSize, growSparseFile, loopDeviceNumber, metadataIsBlank, metadataSizeFor } from "./dmthin-backing.js";
@@ -322,8 +322,23 @@ export class DmThinPool implements Pool {
 
   async close(): Promise<void> {
     await this.lock.with("pool", async () => {
+      const state = this.state;
       this.state = undefined;
       this.poolDevice = "";
+      if (!state) return;
+      // An idle pool is taken down, so a disabled or removed plugin leaves no device on the
+      // host; the next open() sets it up again from its files. Active volumes keep it up.
+      const devices = await listDevices(this.runner);
+      const active = [...state.volumes.keys()].filter((v) => devices.has(this.deviceName(v)));
+      if (active.length > 0) {
+        this.log.info("dm-thin pool left up: volumes are active", { pool: this.poolName, active: active.length });
+        return;
+      }
+      if (devices.has(this.poolName)) await removeDevice(this.runner, this.poolName);
+      for (const file of [this.dataFile, this.metaFile]) {
+        for (const dev of await loopsOf(this.runner, file)) await detachLoop(this.runner, dev);
+      }
+      this.log.info("dm-thin pool taken down: no volume is active", { pool: this.poolName });
     });
   }
 

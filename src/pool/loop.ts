@@ -8,7 +8,7 @@ import { formatSize } from "../size.js";
 import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
 import { freezeFilesystem, thawFilesystem } from "../system/filesystem.js";
 import { attachOrReuseLoop, detachLoop, loopsOf, refreshLoopSize } from "../system/losetup.js";
-import { mountDevice, readMounts } from "../system/mount.js";
+import { mountDevice, readMounts, unmount } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
 import type { CloneOptions, Pool, PoolUsage } from "./types.js";
 
@@ -102,7 +102,18 @@ export class LoopPool implements Pool {
   }
 
   async close(): Promise<void> {
-    // Volumes stay attached and mounted; the pool mount goes with this process's mount namespace.
+    // An idle pool is taken down, so a disabled or removed plugin leaves no device on the
+    // host; the next open() sets it up again. Attached volumes keep it up.
+    const images = (await this.list()).map((n) => this.image(n));
+    for (const image of images) {
+      if ((await loopsOf(this.o.runner, image)).length > 0) {
+        this.o.log.info("loop pool left up: volumes are attached", { file: this.poolFile });
+        return;
+      }
+    }
+    if (await this.isPoolMounted()) await unmount(this.o.runner, this.mnt);
+    for (const dev of await loopsOf(this.o.runner, this.poolFile)) await detachLoop(this.o.runner, dev);
+    this.o.log.info("loop pool taken down: no volume is attached", { file: this.poolFile });
   }
 
   async list(): Promise<string[]> {

@@ -28,7 +28,10 @@ export interface Pool {
   readonly driver: PoolDriverName;
   /** Creates the pool on first use, or finds it again after a restart and recovers interrupted work. */
   open(): Promise<void>;
-  /** Releases what this process holds. Volumes stay attached and mounted. */
+  /**
+   * Releases what this process holds. Volumes stay attached and mounted; a pool with no
+   * active volume is taken down (its devices detached), and open() sets it up again.
+   */
   close(): Promise<void>;
   /** Names of the volumes the pool holds. */
   list(): Promise<string[]>;

@@ -247,4 +247,19 @@ describe(`thinvol server with the ${driver} pool`, () => {
       assert.deepEqual(await dmDevicesNamed(DM_PREFIX), [`${DM_PREFIX}pool`]);
     }
   });
+
+  test("stopping with no volume in use takes the pool down: no device is left on the host", async () => {
+    assert.equal(await stopServer(server, "SIGTERM"), 0);
+    assert.match(server.output(), /pool taken down/);
+    assert.deepEqual(await loopDevicesUnder(dir), []);
+    assert.deepEqual(await dmDevicesNamed(DM_PREFIX), []);
+    assert.deepEqual(await mountsUnder(dir), []);
+    // And the next start sets it up again.
+    server = await startServer(bundle, env);
+    await create("after-stop");
+    const mp = await mount("after-stop", "c1");
+    await writeFile(join(mp, "f"), "ok");
+    await unmount("after-stop", "c1");
+    await callOk(sock, "VolumeDriver.Remove", { Name: "after-stop" });
+  });
 });
