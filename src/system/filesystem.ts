@@ -4,12 +4,20 @@ export type FsType = "ext4" | "xfs";
 
 /**
  * Makes a filesystem on a fresh thin device. No discard (the device is already
- * empty) and lazy ext4 initialisation keep creation fast and the volume thin;
- * ext4 keeps no blocks back for root, since the whole size is the volume's.
+ * empty) and lazy inode tables keep creation fast and the volume thin; ext4 keeps
+ * no blocks back for root, since the whole size is the volume's. The journal, though,
+ * is written out in full: it is then backed by real blocks, so when the pool runs out
+ * of space the filesystem can still commit, a delete can free space, and the volume
+ * does not turn read-only.
  */
-export async function formatFilesystem(runner: Runner, device: string, fs: FsType, label: string): Promise<void> {
+/** Past this size mkfs.ext4 would make a 1 GiB journal; 128 MiB is plenty and costs the pool less. */
+const JOURNAL_CAP_ABOVE = 128 * 1024 ** 3;
+
+export async function formatFilesystem(runner: Runner, device: string, fs: FsType, label: string, sizeBytes = 0): Promise<void> {
   if (fs === "ext4") {
+    const journal = sizeBytes > JOURNAL_CAP_ABOVE ? ["-J", "size=128"] : [];
     await runner.run("mkfs.ext4", [
+      ...journal,
       "-q",
       "-F",
       "-m",
@@ -20,7 +28,7 @@ export async function formatFilesystem(runner: Runner, device: string, fs: FsTyp
       "-L",
       label.slice(0, 16),
       "-E",
-      "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+      "lazy_itable_init=1,lazy_journal_init=0,nodiscard",
       device,
     ]);
   } else {

@@ -162,7 +162,7 @@ export class VolumeManager implements VolumeService {
     const needsRootSetup = fresh || record.uid !== undefined || record.gid !== undefined || record.mode !== undefined;
     const device = await this.o.pool.activate(record.name);
     try {
-      if (fresh) await formatFilesystem(this.o.runner, device, record.fs, record.name);
+      if (fresh) await formatFilesystem(this.o.runner, device, record.fs, record.name, record.sizeBytes);
       if (!needsRootSetup) return;
       const target = this.mountpointOf(record.name);
       await mkdir(target, { recursive: true });

@@ -91,6 +91,15 @@ describe(`thinvol server with the ${driver} pool`, () => {
     assert.equal(await isMounted(mp), false);
   });
 
+  test("a new volume is thin: 200 GiB in a 3 GiB pool, taking only its journal's worth of space", async () => {
+    await create("huge", { size: "200G" });
+    const status = ((await callOk(sock, "VolumeDriver.Get", { Name: "huge" }))["Volume"] as { Status: Record<string, number> }).Status;
+    assert.equal(status["sizeBytes"], 200 * 1024 * MiB);
+    // The journal (capped at 128 MiB) is written out so a full pool cannot abort it; little else is.
+    assert.ok((status["allocatedBytes"] ?? Infinity) < 160 * MiB, `a fresh 200 GiB volume holds ${status["allocatedBytes"]} bytes`);
+    await callOk(sock, "VolumeDriver.Remove", { Name: "huge" });
+  });
+
   test("data written survives unmount and mount", async () => {
     await create("keep");
     let mp = await mount("keep", "c1");
