@@ -2,7 +2,7 @@ import { mkdir, open, readdir, rm, stat, statfs } from "node:fs/promises";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import * as v from "valibot";
-import { ThinvolError, errorMessage } from "../errors.js";
+import { ConflictError, ThinvolError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { formatSize } from "../size.js";
 import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
@@ -23,6 +23,8 @@ export interface LoopPoolOptions {
 const StateSchema = v.object({ version: v.literal(1), sizeBytes: v.number() });
 
 const IMAGE_SUFFIX = ".img";
+/** Well inside Docker's one-minute limit for Unmount and Remove. */
+const DETACH_WAIT_MS = 20_000;
 
 /**
  * For kernels without dm-thin: one sparse file formatted XFS with reflink,
@@ -174,8 +176,14 @@ export class LoopPool implements Pool {
       return;
     }
     for (const dev of await loopsOf(this.o.runner, image)) await detachLoop(this.o.runner, dev);
-    // The kernel lets go of the image a moment after the detach; until then its space cannot be freed.
-    for (let i = 0; i < 100 && (await loopsOf(this.o.runner, image)).length > 0; i++) await sleep(50);
+    // The kernel lets go of the image a moment after the detach (longer on a busy machine);
+    // until then the device can be reused by mistake and the image's space cannot be freed.
+    for (let waited = 0; (await loopsOf(this.o.runner, image)).length > 0; waited += 50) {
+      if (waited >= DETACH_WAIT_MS) {
+        throw new ConflictError(`the loop device of volume "${name}" is still busy ${DETACH_WAIT_MS / 1000} s after it was detached; try again`);
+      }
+      await sleep(50);
+    }
   }
 
   async remove(name: string): Promise<void> {

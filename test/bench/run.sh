@@ -108,15 +108,10 @@ bench_driver() {
   fi
 }
 
-engine_cleanup
-rm -rf "$E2E_DATA_ROOT" "$E2E_EXEC_ROOT"
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-engine_install_packages
-engine_start
-engine_import_image
+engine_fresh_start
 log "installing the plugin as $plugin (POOL_DRIVER=$pool_driver POOL_SIZE=$pool_size)"
 PLUGIN_NAME=$plugin bash build/plugin-install.sh \
   "state.source=$E2E_DATA_ROOT/plugins" "POOL_DRIVER=$pool_driver" "POOL_SIZE=$pool_size" >/dev/null

@@ -248,3 +248,13 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
     *) echo "usage: $0 start|stop|restart|cleanup" >&2; exit 2 ;;
   esac
 fi
+
+# A fresh engine with the test image: whatever a killed earlier run left (its engine,
+# mounts, devices, roots) goes first. Callers set their EXIT trap before calling this.
+engine_fresh_start() {
+  engine_cleanup
+  rm -rf "$E2E_DATA_ROOT" "$E2E_EXEC_ROOT"
+  engine_install_packages
+  engine_start
+  engine_import_image
+}

@@ -48,17 +48,10 @@ cleanup() {
   exit "$rc"
 }
 
-# A previous run that was killed may have left its engine, mounts or devices.
-engine_cleanup
-rm -rf "$E2E_DATA_ROOT" "$E2E_EXEC_ROOT"
-
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-engine_install_packages
-engine_start
-engine_import_image
+engine_fresh_start
 
 # Installs the plugin with a fresh pool of the given driver and runs every scenario.
 run_scenarios() {
