@@ -38,12 +38,14 @@ echo 1 >/proc/sys/kernel/sysrq
 
 init=
 share=
+expose=
 tmpfs_size=16G
 cache=loose
 for arg in $(cat /proc/cmdline); do
   case $arg in
     thinvol.init=*) init=${arg#thinvol.init=} ;;
     thinvol.share=*) share=${arg#thinvol.share=} ;;
+    thinvol.expose=*) expose=${arg#thinvol.expose=} ;;
     thinvol.tmpfs=*) tmpfs_size=${arg#thinvol.tmpfs=} ;;
     thinvol.9pcache=*) cache=${arg#thinvol.9pcache=} ;;
   esac
@@ -69,7 +71,6 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay overlay \
   -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work,index=off,redirect_dir=off,metacopy=off,xino=off \
   /newroot || fail "mount overlay"
-[ -f "/newroot$init" ] || fail "stage 2 $init not found in the host root"
 
 # --- API filesystems inside the new root -------------------------------------------------------
 r=/newroot
@@ -90,6 +91,11 @@ mount -t tmpfs -o mode=0755,nosuid,nodev,size=1G tmpfs $r/run
 # /tmp is RAM-backed and large: sparse pool files and a dockerd --data-root go here (overlay2
 # cannot use the overlay root as its backing fs). Only the space really used costs memory.
 mount -t tmpfs -o mode=1777,size=$tmpfs_size tmpfs $r/tmp
+# A checkout under /tmp or /run (a CI clone, say) is hidden by the fresh tmpfs there: bind it
+# back from the host's root at the same path, read-only like the rest of the host.
+case "$expose" in
+  /tmp/* | /run/*) { mkdir -p "$r$expose" && mount --bind "/lower$expose" "$r$expose"; } || fail "bind $expose" ;;
+esac
 mount -t cgroup2 -o nsdelegate cgroup2 $r/sys/fs/cgroup || fail "mount cgroup2"
 mount -t securityfs securityfs $r/sys/kernel/security 2>/dev/null
 mount -t debugfs debugfs $r/sys/kernel/debug 2>/dev/null
@@ -111,4 +117,5 @@ hostname thinvol-vm
 echo thinvol-vm >$r/etc/hostname
 ip link set lo up
 
+[ -f "$r$init" ] || fail "stage 2 $init not found in the host root"
 exec switch_root $r /bin/bash "$init"

@@ -120,6 +120,9 @@ resolve_modules() {
   done
 }
 
+# The checkout, made visible in the VM even where it lies under /tmp or /run.
+repo_root=$(cd "$here/../.." && pwd)
+[[ $repo_root =~ [[:space:]] ]] && die "the checkout's path has white space, which the kernel command line cannot carry: $repo_root"
 busybox_bin=$(command -v busybox || true)
 [[ -n $busybox_bin ]] || die "busybox not found; run: bash test/vm/setup.sh"
 # A dynamically linked busybox would need its libraries in the initramfs: insist on static.
@@ -201,7 +204,7 @@ fi
       printf 'export %s=%q\n' "$name" "${!name}"
     fi
   done
-  printf 'cd -- %q || { echo "vm.sh: working directory %q is not visible in the VM (host /tmp and /run are not shared)" >&2; exit 125; }\n' "$PWD" "$PWD"
+  printf 'cd -- %q || { echo "vm.sh: working directory %q is not visible in the VM (host /tmp and /run are not shared, except the checkout)" >&2; exit 125; }\n' "$PWD" "$PWD"
   printf '%q ' "$@"
   echo
 } >"$job"
@@ -256,6 +259,7 @@ cmdline=(
   "thinvol.init=$here/guest-init.sh"
   "thinvol.job=$job"
   "thinvol.share=$share"
+  "thinvol.expose=$repo_root"
   "thinvol.tmpfs=$tmpfs_size"
   "thinvol.9pcache=loose"    # the host does not change files under a running VM
 )
