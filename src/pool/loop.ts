@@ -1,13 +1,12 @@
 import { mkdir, open, readdir, rm, stat, statfs } from "node:fs/promises";
 import { join } from "node:path";
-import { setTimeout as sleep } from "node:timers/promises";
 import * as v from "valibot";
 import { ConflictError, ThinvolError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { formatSize } from "../size.js";
 import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
 import { freezeFilesystem, thawFilesystem } from "../system/filesystem.js";
-import { attachOrReuseLoop, detachLoop, loopsOf, refreshLoopSize } from "../system/losetup.js";
+import { attachOrReuseLoop, detachLoop, detachLoopsOf, loopsOf, refreshLoopSize } from "../system/losetup.js";
 import { mountDevice, readMounts, unmount } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
 import type { CloneOptions, Pool, PoolUsage } from "./types.js";
@@ -175,14 +174,9 @@ export class LoopPool implements Pool {
     } catch {
       return;
     }
-    for (const dev of await loopsOf(this.o.runner, image)) await detachLoop(this.o.runner, dev);
-    // The kernel lets go of the image a moment after the detach (longer on a busy machine);
-    // until then the device can be reused by mistake and the image's space cannot be freed.
-    for (let waited = 0; (await loopsOf(this.o.runner, image)).length > 0; waited += 50) {
-      if (waited >= DETACH_WAIT_MS) {
-        throw new ConflictError(`the loop device of volume "${name}" is still busy ${DETACH_WAIT_MS / 1000} s after it was detached; try again`);
-      }
-      await sleep(50);
+    // Until the kernel lets go of the image, the image's space cannot be freed.
+    if (!(await detachLoopsOf(this.o.runner, image, DETACH_WAIT_MS))) {
+      throw new ConflictError(`the loop device of volume "${name}" is still busy ${DETACH_WAIT_MS / 1000} s after it was detached; try again`);
     }
   }
 

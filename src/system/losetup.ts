@@ -1,5 +1,8 @@
 import { errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
+import { readFile, realpath } from "node:fs/promises";
+import { basename } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import type { Runner } from "./runner.js";
 
 /** Attaches `file` to a free loop device and returns the device path. */
@@ -45,5 +48,32 @@ export async function attachOrReuseLoop(runner: Runner, file: string, log: Logge
   } catch (err) {
     log.warn("loop device without direct I/O (the file's filesystem refused it); pages are cached twice", { file, error: errorMessage(err) });
     return attachLoop(runner, file);
+  }
+}
+
+/** The file a loop device is bound to, from sysfs (no process started); undefined when unbound. */
+async function backingFile(device: string): Promise<string | undefined> {
+  try {
+    return (await readFile(`/sys/block/${basename(device)}/loop/backing_file`, "utf8")).trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Detaches every loop device of `file` and waits until the kernel has really let go of
+ * it (which happens a moment after the detach, longer on a busy machine). Resolves to
+ * false if it still holds the file after `timeoutMs`.
+ */
+export async function detachLoopsOf(runner: Runner, file: string, timeoutMs: number): Promise<boolean> {
+  const devices = await loopsOf(runner, file);
+  const path = await realpath(file);
+  for (const dev of devices) await detachLoop(runner, dev);
+  const deadline = Date.now() + timeoutMs;
+  for (let pause = 2; ; pause = Math.min(pause * 2, 100)) {
+    const held = await Promise.all(devices.map(async (d) => (await backingFile(d)) === path));
+    if (!held.includes(true)) return true;
+    if (Date.now() > deadline) return false;
+    await sleep(pause);
   }
 }
