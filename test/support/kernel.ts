@@ -1,5 +1,8 @@
+import { mkdtemp, rm } from "node:fs/promises";
+import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { readMounts, unmount } from "../../src/system/mount.js";
+import type { FsType } from "../../src/system/filesystem.js";
+import { mountDevice, readMounts, unmount } from "../../src/system/mount.js";
 import { ExecaRunner } from "../../src/system/runner.js";
 
 const runner = new ExecaRunner();
@@ -57,4 +60,21 @@ export async function tearDownPool(dir: string, dmPrefix?: string): Promise<void
 async function allLoopDevices(): Promise<Set<string>> {
   const { stdout } = await runner.run("losetup", ["--list", "--noheadings", "--output", "NAME"]);
   return new Set(stdout.split("\n").map((l) => l.trim()).filter((l) => l !== ""));
+}
+
+/** Mounts `device` on a fresh directory under `parent` for the time of `work`. */
+export async function withMount<T>(
+  device: string,
+  parent: string,
+  work: (mnt: string) => Promise<T>,
+  { fs = "ext4", options = [] }: { fs?: FsType; options?: readonly string[] } = {},
+): Promise<T> {
+  const mnt = await mkdtemp(join(parent, "mnt-"));
+  await mountDevice(runner, device, mnt, fs, options);
+  try {
+    return await work(mnt);
+  } finally {
+    await unmount(runner, mnt);
+    await rm(mnt, { recursive: true, force: true });
+  }
 }

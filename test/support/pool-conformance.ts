@@ -13,6 +13,7 @@ import { deviceSizeBytes } from "../../src/system/blockdev.js";
 import { formatFilesystem } from "../../src/system/filesystem.js";
 import { mountDevice, readMounts, unmount } from "../../src/system/mount.js";
 import { ExecaRunner } from "../../src/system/runner.js";
+import { withMount } from "./kernel.js";
 
 export interface PoolFactory {
   /** Short name used in test titles. */
@@ -27,18 +28,6 @@ export interface PoolFactory {
 
 const MiB = 1024 ** 2;
 const runner = new ExecaRunner();
-
-async function withMount<T>(device: string, dir: string, work: (mnt: string) => Promise<T>): Promise<T> {
-  const mnt = join(dir, "m-" + Math.random().toString(36).slice(2));
-  await mkdir(mnt, { recursive: true });
-  await mountDevice(runner, device, mnt, "ext4", []);
-  try {
-    return await work(mnt);
-  } finally {
-    await unmount(runner, mnt);
-    await rm(mnt, { recursive: true, force: true });
-  }
-}
 
 export function poolConformance(factory: PoolFactory): void {
   describe(`pool conformance: ${factory.label}`, () => {

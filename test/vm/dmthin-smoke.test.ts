@@ -13,6 +13,7 @@ import { deviceSizeBytes } from "../../src/system/blockdev.js";
 import { formatFilesystem } from "../../src/system/filesystem.js";
 import { mountDevice, unmount } from "../../src/system/mount.js";
 import { ExecaRunner } from "../../src/system/runner.js";
+import { withMount } from "../support/kernel.js";
 
 const MiB = 1024 ** 2;
 const GiB = 1024 ** 3;
@@ -61,15 +62,8 @@ async function tearDownKernelSide(): Promise<void> {
   }
 }
 
-async function withMount<T>(device: string, work: (mnt: string) => Promise<T>): Promise<T> {
-  const mnt = await mkdtemp(join(base, "mnt-"));
-  await mountDevice(runner, device, mnt, "ext4", []);
-  try {
-    return await work(mnt);
-  } finally {
-    await unmount(runner, mnt);
-    await rm(mnt, { recursive: true, force: true });
-  }
+function withMountHere<T>(device: string, work: (mnt: string) => Promise<T>): Promise<T> {
+  return withMount(device, base, work);
 }
 
 describe("dm-thin on a real kernel", () => {
@@ -105,7 +99,7 @@ describe("dm-thin on a real kernel", () => {
     assert.ok((await stat(dev)).isBlockDevice());
     assert.equal(await deviceSizeBytes(runner, dev), 256 * MiB);
     await timed("mkfs.ext4", () => formatFilesystem(runner, dev, "ext4", "db"));
-    await withMount(dev, (m) => writeFile(join(m, "hello.txt"), "from db\n".repeat(1000)));
+    await withMountHere(dev, (m) => writeFile(join(m, "hello.txt"), "from db\n".repeat(1000)));
     const mnt = join(base, "db-mnt");
     await mkdir(mnt);
     await mountDevice(runner, dev, mnt, "ext4", []);
@@ -125,7 +119,7 @@ describe("dm-thin on a real kernel", () => {
     const dev = await pool.activate("copy");
     const check = await runner.run("e2fsck", ["-f", "-n", dev], { okExitCodes: [1, 4] });
     assert.equal(check.exitCode, 0, `fsck of the clone: ${check.stdout}${check.stderr}`);
-    await withMount(dev, async (m) => {
+    await withMountHere(dev, async (m) => {
       assert.equal(await readFile(join(m, "hello.txt"), "utf8"), "from db\n".repeat(1000));
       assert.equal((await stat(join(m, "blob"))).size, 16 * MiB);
       await assert.rejects(stat(join(m, "after-clone.txt")));
@@ -140,7 +134,7 @@ describe("dm-thin on a real kernel", () => {
     await timed("open (after teardown: losetup, thin_check, create pool)", () => pool.open());
     assert.deepEqual(await pool.list(), ["copy", "db"]);
     const dev = await pool.activate("db");
-    await withMount(dev, async (m) => assert.equal(await readFile(join(m, "after-clone.txt"), "utf8"), "only in db"));
+    await withMountHere(dev, async (m) => assert.equal(await readFile(join(m, "after-clone.txt"), "utf8"), "only in db"));
     // A restart with the pool still live reuses it.
     await pool.close();
     pool = makePool();

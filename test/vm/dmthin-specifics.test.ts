@@ -21,7 +21,7 @@ import { baseMountOptions, formatFilesystem, type FsType } from "../../src/syste
 import { loopsOf } from "../../src/system/losetup.js";
 import { mountDevice, unmount } from "../../src/system/mount.js";
 import { ExecaRunner, formatCommand, type RunOptions, type RunResult, type Runner } from "../../src/system/runner.js";
-import { loopDevicesUnder, mountsUnder } from "../support/kernel.js";
+import { loopDevicesUnder, mountsUnder, withMount } from "../support/kernel.js";
 
 const MiB = 1024 ** 2;
 const GiB = 1024 ** 3;
@@ -192,15 +192,8 @@ async function kernelLines(re: RegExp, max = 10): Promise<string[]> {
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
 /** Mounts `device` under the test's base dir for the duration of `work`. */
-async function withMount<T>(device: string, fs: FsType, work: (mnt: string) => Promise<T>, extra: string[] = []): Promise<T> {
-  const mnt = await mkdtemp(join(base, "mnt-"));
-  await mountDevice(real, device, mnt, fs, [...baseMountOptions(fs), ...extra]);
-  try {
-    return await work(mnt);
-  } finally {
-    await unmount(real, mnt);
-    await rm(mnt, { recursive: true, force: true });
-  }
+function mountVolume<T>(device: string, fs: FsType, work: (mnt: string) => Promise<T>, extra: string[] = []): Promise<T> {
+  return withMount(device, base, work, { fs, options: [...baseMountOptions(fs), ...extra] });
 }
 
 /** Content of writer file `i`: a size and bytes that depend on `i` only. Runs in the writer process too (from its source). */
@@ -312,7 +305,7 @@ describe("dm-thin specifics on a real kernel", () => {
       await a.pool.create("db", 256 * MiB);
       const dev = await a.pool.activate("db");
       await formatFilesystem(real, dev, "ext4", "db");
-      await withMount(dev, "ext4", async (m) => {
+      await mountVolume(dev, "ext4", async (m) => {
         const blob = Buffer.alloc(8 * MiB);
         for (let i = 0; i < blob.length; i += 4096) blob.writeUInt32LE(i * 2654435761 >>> 0, i);
         await writeFile(join(m, "blob"), blob);
@@ -364,7 +357,7 @@ describe("dm-thin specifics on a real kernel", () => {
         const dev = await b.pool.activate(v);
         const fsck = await real.run("e2fsck", ["-f", "-n", dev], { okExitCodes: [1, 2, 4, 8] });
         assert.equal(fsck.exitCode, 0, `${v}: ${fsck.stdout}`);
-        await withMount(dev, "ext4", async (m) => {
+        await mountVolume(dev, "ext4", async (m) => {
           assert.equal(sha(await readFile(join(m, "blob"))), sums.get("db/blob"), `${v}/blob has its data`);
           if (v === "db") assert.equal(await readFile(join(m, "after-restart"), "utf8"), "still writable");
           else await assert.rejects(readFile(join(m, "after-restart")), { code: "ENOENT" }, "the clone predates the file");
@@ -406,7 +399,7 @@ describe("dm-thin specifics on a real kernel", () => {
     async function assertKeepIntact(): Promise<void> {
       assert.deepEqual((await d.pool.list()).includes("keep"), true);
       const dev = await d.pool.activate("keep");
-      await withMount(dev, "ext4", async (m) => assert.equal(sha(await readFile(join(m, "data"))), keepSum));
+      await mountVolume(dev, "ext4", async (m) => assert.equal(sha(await readFile(join(m, "data"))), keepSum));
     }
 
     before(async () => {
@@ -422,7 +415,7 @@ describe("dm-thin specifics on a real kernel", () => {
       const data = Buffer.alloc(4 * MiB);
       for (let i = 0; i < data.length; i += 512) data.writeUInt32LE(i ^ 0x5a5a5a5a, i);
       keepSum = sha(data);
-      await withMount(dev, "ext4", (m) => writeFile(join(m, "data"), data));
+      await mountVolume(dev, "ext4", (m) => writeFile(join(m, "data"), data));
       await d.pool.deactivate("keep");
     });
 
@@ -446,7 +439,7 @@ describe("dm-thin specifics on a real kernel", () => {
       assert.deepEqual(await d.pool.list(), ["keep", "made"]);
       const dev = await d.pool.activate("made");
       await formatFilesystem(real, dev, "ext4", "made");
-      await withMount(dev, "ext4", (m) => writeFile(join(m, "x"), "x"));
+      await mountVolume(dev, "ext4", (m) => writeFile(join(m, "x"), "x"));
       await d.pool.deactivate("made");
       await assertKeepIntact();
     });
@@ -523,7 +516,7 @@ describe("dm-thin specifics on a real kernel", () => {
       await formatFilesystem(real, sdev, "ext4", "small");
       const data = Buffer.alloc(8 * MiB, 0x33);
       smallSum = sha(data);
-      await withMount(sdev, "ext4", (m) => writeFile(join(m, "data"), data));
+      await mountVolume(sdev, "ext4", (m) => writeFile(join(m, "data"), data));
       await d.pool.deactivate("small");
       await d.pool.create("big", 1 * GiB);
       const bdev = await d.pool.activate("big");
@@ -594,8 +587,8 @@ describe("dm-thin specifics on a real kernel", () => {
 
       // Another volume of the same pool: readable, and mountable.
       const sdev = await d.pool.activate("small");
-      await withMount(sdev, "ext4", async (m2) => assert.equal(sha(await readFile(join(m2, "data"))), smallSum), ["ro"]);
-      await withMount(sdev, "ext4", async (m2) => assert.equal(sha(await readFile(join(m2, "data"))), smallSum));
+      await mountVolume(sdev, "ext4", async (m2) => assert.equal(sha(await readFile(join(m2, "data"))), smallSum), ["ro"]);
+      await mountVolume(sdev, "ext4", async (m2) => assert.equal(sha(await readFile(join(m2, "data"))), smallSum));
       note("the other volume read back and mounted (ro and rw) while the pool was full");
 
       // Free the space from inside the full filesystem: rm, commit (ext4 trims freed blocks
@@ -627,7 +620,7 @@ describe("dm-thin specifics on a real kernel", () => {
       await d.pool.create("again", 64 * MiB);
       const adev = await d.pool.activate("again");
       await formatFilesystem(real, adev, "ext4", "again");
-      await withMount(adev, "ext4", async (m2) => {
+      await mountVolume(adev, "ext4", async (m2) => {
         await writeFile(join(m2, "f"), Buffer.alloc(8 * MiB, 2));
         await real.run("sync", ["-f", m2]);
       });
@@ -687,7 +680,7 @@ describe("dm-thin specifics on a real kernel", () => {
             `before log replay xfs_repair -n finds only a dirty log: ${raw.stdout}\n${raw.stderr}`,
           );
           // Mounting replays the log (beside the mounted origin: needs nouuid), unmounting leaves it clean.
-          await withMount(cdev, fs, async () => undefined);
+          await mountVolume(cdev, fs, async () => undefined);
         }
         const check =
           fs === "ext4"
@@ -695,7 +688,7 @@ describe("dm-thin specifics on a real kernel", () => {
             : await real.run("xfs_repair", ["-n", cdev], { okExitCodes: [1, 2] });
         assert.equal(check.exitCode, 0, `${fs === "ext4" ? "e2fsck -f -n" : "xfs_repair -n"} of the clone: ${check.stdout}\n${check.stderr}`);
         // Mounted beside its origin; xfs volumes mount with nouuid since a clone carries its origin's UUID.
-        const counts = await withMount(cdev, fs, (m) => checkWriterFiles(m, completeBefore));
+        const counts = await mountVolume(cdev, fs, (m) => checkWriterFiles(m, completeBefore));
         note(`${fs}: clone holds ${counts.files} files, ${counts.whole} whole, ${counts.partial} partial (prefixes)`);
         await unmount(real, mnt);
         await d.pool.deactivate(copy);
