@@ -183,10 +183,7 @@ export class VolumeManager implements VolumeService {
   /** Best-effort rollback of a create that failed or was interrupted. */
   private async undoCreate(name: string): Promise<void> {
     try {
-      await this.teardown(name);
-      await this.o.pool.remove(name);
-      await this.o.records.delete(name);
-      await rmdir(this.mountpointOf(name)).catch(() => undefined);
+      await this.destroy(name);
     } catch (err) {
       this.o.log.error("could not undo a failed create; it will be retried at the next start", { volume: name, error: errorMessage(err) });
     }
@@ -196,36 +193,34 @@ export class VolumeManager implements VolumeService {
 
   async remove(rawName: string): Promise<void> {
     const name = checkVolumeName(rawName);
+    // A clone being made from this volume holds its lock too, so it is finished before this runs.
     await this.locks.with(name, async () => {
       const record = await this.o.records.get(name);
       if (!record) return; // Already gone: Remove is idempotent.
       if (record.state === "creating") throw new ConflictError(`volume "${name}" is still being created`);
-      const dependents = await this.clonesBeingCreatedFrom(name);
-      if (dependents.length > 0) throw new ConflictError(`volume "${name}" is being cloned to ${dependents.join(", ")}; try again`);
       record.state = "removing";
       await this.o.records.save(record);
       await this.finishRemove(record);
     });
   }
 
-  private async clonesBeingCreatedFrom(name: string): Promise<string[]> {
-    const out: string[] = [];
-    for (const n of await this.o.records.names()) {
-      const r = await this.o.records.get(n).catch(() => undefined);
-      if (r?.state === "creating" && r.origin === name) out.push(n);
-    }
-    return out;
-  }
-
   /** Docker calls Remove only when no container uses the volume, so a mount left behind is forced away. */
   private async finishRemove(record: VolumeRecord): Promise<void> {
-    const name = record.name;
     try {
-      await this.teardown(name);
-      await this.o.pool.remove(name);
+      await this.destroy(record.name);
     } catch (err) {
-      throw new ThinvolError(`cannot remove volume "${name}": ${errorMessage(err)}`, { cause: err });
+      throw new ThinvolError(`cannot remove volume "${record.name}": ${errorMessage(err)}`, { cause: err });
     }
+  }
+
+  /**
+   * Unmounts the volume if it is mounted, then has the pool remove it, record last: a
+   * crash on the way leaves the record, and its intent, for the next start. The device is
+   * left active for the pool, which discards its blocks before removing it.
+   */
+  private async destroy(name: string): Promise<void> {
+    if (await this.isMounted(name)) await unmount(this.o.runner, this.mountpointOf(name));
+    await this.o.pool.remove(name);
     await this.o.records.delete(name);
     await rmdir(this.mountpointOf(name)).catch(() => undefined);
   }
