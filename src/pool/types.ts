@@ -8,6 +8,13 @@ export interface PoolUsage {
   /** dm-thin only: its metadata device fills up separately from the data. */
   metaTotalBytes?: number;
   metaUsedBytes?: number;
+  /**
+   * Host space the pool has already taken for itself (allocated blocks of its files), and
+   * what the host filesystem under the pool still has free. The pool never writes into host
+   * space it has not reserved, so a full host disk cannot fail a write half-way.
+   */
+  hostReservedBytes?: number;
+  hostFreeBytes?: number;
 }
 
 export interface CloneOptions {
