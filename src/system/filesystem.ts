@@ -2,6 +2,12 @@ import type { Runner } from "./runner.js";
 
 export type FsType = "ext4" | "xfs";
 
+/** The sector size every new filesystem is made with (ext4's block size is the same). */
+export const FS_SECTOR_BYTES = 4096;
+
+/** Past this size mkfs.ext4 would make a 1 GiB journal; 128 MiB is plenty and costs the pool less. */
+const JOURNAL_CAP_ABOVE = 128 * 1024 ** 3;
+
 /**
  * Makes a filesystem on a fresh thin device. No discard (the device is already
  * empty) and lazy inode tables keep creation fast and the volume thin; ext4 keeps
@@ -10,9 +16,6 @@ export type FsType = "ext4" | "xfs";
  * of space the filesystem can still commit, a delete can free space, and the volume
  * does not turn read-only.
  */
-/** Past this size mkfs.ext4 would make a 1 GiB journal; 128 MiB is plenty and costs the pool less. */
-const JOURNAL_CAP_ABOVE = 128 * 1024 ** 3;
-
 export async function formatFilesystem(runner: Runner, device: string, fs: FsType, label: string, sizeBytes = 0): Promise<void> {
   if (fs === "ext4") {
     const journal = sizeBytes > JOURNAL_CAP_ABOVE ? ["-J", "size=128"] : [];
@@ -24,7 +27,7 @@ export async function formatFilesystem(runner: Runner, device: string, fs: FsTyp
       "0",
       // Loop devices with direct I/O take the backing filesystem's 4 KiB sectors; 1 KiB blocks would not mount.
       "-b",
-      "4096",
+      String(FS_SECTOR_BYTES),
       "-L",
       label.slice(0, 16),
       "-E",
@@ -32,7 +35,9 @@ export async function formatFilesystem(runner: Runner, device: string, fs: FsTyp
       device,
     ]);
   } else {
-    await runner.run("mkfs.xfs", ["-q", "-f", "-K", "-L", label.slice(0, 12), device]);
+    // 4 KiB sectors: the filesystem then mounts on any device it can meet, including a
+    // direct-I/O loop device over a reflinked image, which has 4 KiB logical sectors.
+    await runner.run("mkfs.xfs", ["-q", "-f", "-K", "-s", `size=${FS_SECTOR_BYTES}`, "-L", label.slice(0, 12), device]);
   }
 }
 

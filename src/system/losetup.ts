@@ -6,9 +6,20 @@ import { setTimeout as sleep } from "node:timers/promises";
 import type { Runner } from "./runner.js";
 
 /** Attaches `file` to a free loop device and returns the device path. */
-export async function attachLoop(runner: Runner, file: string, options: { directIo?: boolean } = {}): Promise<string> {
+export interface LoopOptions {
+  directIo?: boolean;
+  /**
+   * Logical sector size. Unset, the kernel picks it, and for a direct-I/O device that
+   * follows the backing file: an image on XFS turns from 512 to 4096 once it shares
+   * extents with a reflink copy, and a filesystem made for 512 would no longer mount.
+   */
+  sectorSize?: 512 | 4096;
+}
+
+export async function attachLoop(runner: Runner, file: string, options: LoopOptions = {}): Promise<string> {
   const args = ["--find", "--show"];
   if (options.directIo) args.push("--direct-io=on");
+  if (options.sectorSize !== undefined) args.push("--sector-size", String(options.sectorSize));
   args.push(file);
   const { stdout } = await runner.run("losetup", args);
   const dev = stdout.trim().split("\n").pop()?.trim() ?? "";
@@ -40,14 +51,14 @@ export async function refreshLoopSize(runner: Runner, device: string): Promise<v
  * blocks are not cached twice. A filesystem without O_DIRECT (tmpfs, for one)
  * refuses direct I/O: then the loop device is made without it.
  */
-export async function attachOrReuseLoop(runner: Runner, file: string, log: Logger): Promise<string> {
+export async function attachOrReuseLoop(runner: Runner, file: string, log: Logger, options: { sectorSize?: 512 | 4096 } = {}): Promise<string> {
   const existing = await loopsOf(runner, file);
   if (existing[0] !== undefined) return existing[0];
   try {
-    return await attachLoop(runner, file, { directIo: true });
+    return await attachLoop(runner, file, { ...options, directIo: true });
   } catch (err) {
     log.warn("loop device without direct I/O (the file's filesystem refused it); pages are cached twice", { file, error: errorMessage(err) });
-    return attachLoop(runner, file);
+    return attachLoop(runner, file, options);
   }
 }
 
