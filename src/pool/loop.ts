@@ -1,14 +1,16 @@
-import { mkdir, open, readdir, rm, stat, statfs } from "node:fs/promises";
+import { mkdir, open, readdir, rm, stat, statfs, truncate } from "node:fs/promises";
 import { join } from "node:path";
 import * as v from "valibot";
-import { ConflictError, ThinvolError, errorMessage } from "../errors.js";
+import { ConflictError, NoSpaceError, ThinvolError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { formatSize } from "../size.js";
-import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
+import { fsyncPath, readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
 import { freezeFilesystem, thawFilesystem } from "../system/filesystem.js";
 import { attachOrReuseLoop, detachLoop, detachLoopsOf, loopsOf, refreshLoopSize } from "../system/losetup.js";
 import { mountDevice, readMounts, unmount } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
+import { HostReserve } from "./loop-reserve.js";
+import { sectorSizeForImage } from "./loop-image.js";
 import type { CloneOptions, Pool, PoolUsage } from "./types.js";
 
 export interface LoopPoolOptions {
@@ -19,16 +21,24 @@ export interface LoopPoolOptions {
   log: Logger;
 }
 
-const StateSchema = v.object({ version: v.literal(1), sizeBytes: v.number() });
+/**
+ * `formatted: false` is written before the pool file is formatted and turned true after, so
+ * a crash in between is told apart from a pool whose state file was lost. Older state files
+ * have no such field: they were written after formatting.
+ */
+const StateSchema = v.object({ version: v.literal(1), sizeBytes: v.number(), formatted: v.optional(v.boolean(), true) });
+type PoolState = v.InferOutput<typeof StateSchema>;
 
 const IMAGE_SUFFIX = ".img";
 /** Well inside Docker's one-minute limit for Unmount and Remove. */
 const DETACH_WAIT_MS = 20_000;
+const XFS_MAGIC = "XFSB";
 
 /**
  * For kernels without dm-thin: one sparse file formatted XFS with reflink,
  * mounted privately; each volume is a sparse image in it on its own loop
  * device. A clone is a reflink copy, so it shares every block until written.
+ * The pool writes only into host space it has reserved (see HostReserve).
  */
 export class LoopPool implements Pool {
   readonly driver = "loop" as const;
@@ -36,50 +46,121 @@ export class LoopPool implements Pool {
   private readonly stateFile: string;
   private readonly mnt: string;
   private readonly volumesDir: string;
+  private readonly reserve: HostReserve;
 
   constructor(private readonly o: LoopPoolOptions) {
     this.poolFile = join(o.dir, "pool.img");
     this.stateFile = join(o.dir, "pool.json");
     this.mnt = join(o.dir, "mnt");
     this.volumesDir = join(this.mnt, "volumes");
+    this.reserve = new HostReserve(
+      { runner: o.runner, log: o.log, poolFile: this.poolFile, mnt: this.mnt, balloon: join(this.mnt, "reserve.balloon") },
+      o.dataSizeBytes,
+    );
   }
 
   private image(name: string): string {
     return join(this.volumesDir, name + IMAGE_SUFFIX);
   }
 
-  async open(): Promise<void> {
-    const { runner, log } = this.o;
-    await mkdir(this.mnt, { recursive: true, mode: 0o700 });
-    const raw = await readJsonFile(this.stateFile);
-    const state = raw === undefined ? undefined : v.parse(StateSchema, raw);
-    if (state === undefined) {
-      // No state means the pool was never formatted completely: whatever is there holds no volume.
-      log.info("creating the loop pool", { file: this.poolFile, size: formatSize(this.o.dataSizeBytes) });
-      await this.ensureSparseFile(this.poolFile, this.o.dataSizeBytes);
-      const dev = await this.poolDevice();
-      await runner.run("mkfs.xfs", ["-q", "-f", "-K", "-m", "reflink=1", "-L", "thinvol-pool", dev], { timeoutMs: 120_000 });
-      await writeFileAtomic(this.stateFile, JSON.stringify({ version: 1, sizeBytes: this.o.dataSizeBytes }) + "\n");
-    }
-    const dev = await this.poolDevice();
-    if (!(await this.isPoolMounted())) {
-      // discard: deleting an image punches holes in the pool file, so the host gets the space back.
-      await mountDevice(runner, dev, this.mnt, "xfs", ["discard", "noatime"]);
-    }
-    await mkdir(this.volumesDir, { recursive: true, mode: 0o700 });
-    if (state !== undefined && this.o.dataSizeBytes > state.sizeBytes) await this.grow(dev, state.sizeBytes);
-    else if (state !== undefined && this.o.dataSizeBytes < state.sizeBytes) {
-      log.warn("POOL_SIZE is smaller than the pool; a pool never shrinks", { pool: formatSize(state.sizeBytes), setting: formatSize(this.o.dataSizeBytes) });
-    }
-    log.info("loop pool ready", { file: this.poolFile, device: dev });
+  private saveState(state: PoolState): Promise<void> {
+    return writeFileAtomic(this.stateFile, JSON.stringify(state) + "\n");
   }
 
-  private async grow(dev: string, from: number): Promise<void> {
-    this.o.log.info("growing the loop pool", { from: formatSize(from), to: formatSize(this.o.dataSizeBytes) });
-    await this.ensureSparseFile(this.poolFile, this.o.dataSizeBytes);
+  async open(): Promise<void> {
+    const { log } = this.o;
+    await mkdir(this.mnt, { recursive: true, mode: 0o700 });
+    const raw = await readJsonFile(this.stateFile);
+    let state = raw === undefined ? undefined : v.parse(StateSchema, raw);
+    if (state === undefined) {
+      await this.refuseUnknownPoolFile();
+      state = { version: 1, sizeBytes: this.o.dataSizeBytes, formatted: false };
+      await this.saveState(state);
+    }
+    if (!state.formatted) state = await this.format(state);
+    const dev = await this.poolDevice();
+    await this.mountPool(dev);
+    await mkdir(this.volumesDir, { recursive: true, mode: 0o700 });
+    await this.reserve.setUp();
+    if (this.o.dataSizeBytes > state.sizeBytes) await this.grow(dev, state);
+    else if (this.o.dataSizeBytes < state.sizeBytes) {
+      log.warn("POOL_SIZE is smaller than the pool; a pool never shrinks", { pool: formatSize(state.sizeBytes), setting: formatSize(this.o.dataSizeBytes) });
+    }
+    this.reserve.startWatching();
+    const f = await this.reserve.figures();
+    log.info("loop pool ready", {
+      file: this.poolFile,
+      device: dev,
+      hostReserved: formatSize(f.hostReservedBytes),
+      hostFree: formatSize(f.hostFreeBytes),
+      poolFree: formatSize(f.poolFreeBytes),
+    });
+  }
+
+  /** A pool file without a state file may hold volumes: it is never formatted over. */
+  private async refuseUnknownPoolFile(): Promise<void> {
+    let head: Buffer;
+    try {
+      const handle = await open(this.poolFile, "r");
+      try {
+        head = Buffer.alloc(4);
+        await handle.read(head, 0, 4, 0);
+      } finally {
+        await handle.close();
+      }
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
+      throw err;
+    }
+    if (head.toString("latin1") !== XFS_MAGIC) return;
+    const { size } = await stat(this.poolFile);
+    throw new ThinvolError(
+      `the loop pool file ${this.poolFile} holds a filesystem, but its state file ${this.stateFile} is missing: ` +
+        `refusing to format over a pool that may hold volumes. Restore the state file (for this pool file: ` +
+        `${JSON.stringify({ version: 1, sizeBytes: size })}), or move ${this.o.dir} aside to start an empty pool`,
+    );
+  }
+
+  /** Formats the pool file; the state says formatted only once the filesystem is whole. */
+  private async format(state: PoolState): Promise<PoolState> {
+    this.o.log.info("creating the loop pool", { file: this.poolFile, size: formatSize(state.sizeBytes) });
+    await this.ensureSparseFile(this.poolFile, state.sizeBytes);
+    const dev = await this.poolDevice();
+    await this.o.runner.run("mkfs.xfs", ["-q", "-f", "-K", "-m", "reflink=1", "-L", "thinvol-pool", dev], { timeoutMs: 120_000 });
+    const formatted = { ...state, formatted: true };
+    await this.saveState(formatted);
+    return formatted;
+  }
+
+  /**
+   * Mounted without discard: only the host space reserve gives host blocks back, so free
+   * pool space stays backed on the host.
+   */
+  private async mountPool(dev: string): Promise<void> {
+    const mounted = (await readMounts()).find((m) => m.mountPoint === this.mnt);
+    if (!mounted) {
+      await mountDevice(this.o.runner, dev, this.mnt, "xfs", ["noatime"]);
+      return;
+    }
+    if (mounted.superOptions?.includes("discard")) {
+      // XFS cannot drop discard on a remount; the pool is mounted afresh after its next teardown.
+      this.o.log.warn("the pool is still mounted with discard by an earlier thinvol: freed space goes back to the host at once until the pool is next mounted", {
+        file: this.poolFile,
+      });
+    }
+  }
+
+  private async grow(dev: string, state: PoolState): Promise<void> {
+    const to = this.o.dataSizeBytes;
+    this.o.log.info("growing the loop pool", { from: formatSize(state.sizeBytes), to: formatSize(to) });
+    const before = (await statfs(this.mnt)).blocks;
+    await this.ensureSparseFile(this.poolFile, to);
     await refreshLoopSize(this.o.runner, dev);
     await this.o.runner.run("xfs_growfs", [this.mnt]);
-    await writeFileAtomic(this.stateFile, JSON.stringify({ version: 1, sizeBytes: this.o.dataSizeBytes }) + "\n");
+    await this.saveState({ ...state, sizeBytes: to });
+    const s = await statfs(this.mnt);
+    this.reserve.setPoolSize(to);
+    await this.reserve.absorbGrowth((s.blocks - before) * s.bsize);
   }
 
   private async ensureSparseFile(path: string, sizeBytes: number): Promise<void> {
@@ -103,6 +184,7 @@ export class LoopPool implements Pool {
   }
 
   async close(): Promise<void> {
+    this.reserve.stopWatching();
     // An idle pool is taken down, so a disabled or removed plugin leaves no device on the
     // host; the next open() sets it up again. Attached volumes keep it up.
     const images = (await this.list()).map((n) => this.image(n));
@@ -122,7 +204,18 @@ export class LoopPool implements Pool {
     return files.filter((f) => f.endsWith(IMAGE_SUFFIX)).map((f) => f.slice(0, -IMAGE_SUFFIX.length)).sort();
   }
 
+  private async checkRoom(name: string): Promise<void> {
+    const refusal = await this.reserve.refusal();
+    if (refusal !== undefined) throw new NoSpaceError(`cannot create volume "${name}": ${refusal}`);
+  }
+
   async create(name: string, sizeBytes: number): Promise<void> {
+    await this.checkRoom(name);
+    await this.makeImage(name, sizeBytes);
+  }
+
+  /** A new image, durable with its name; fails if the name exists, so nothing is overwritten. */
+  private async makeImage(name: string, sizeBytes: number): Promise<void> {
     let handle;
     try {
       handle = await open(this.image(name), "wx", 0o600);
@@ -135,27 +228,28 @@ export class LoopPool implements Pool {
     } finally {
       await handle.close();
     }
+    await fsyncPath(this.volumesDir);
   }
 
   async clone(name: string, origin: string, options: CloneOptions = {}): Promise<void> {
+    await this.checkRoom(name);
     const source = this.image(origin);
     const target = this.image(name);
     // Claim the name first, so an existing volume is never overwritten.
-    await this.create(name, 0);
+    await this.makeImage(name, 0);
     const frozen = options.originMountpoint;
     try {
       if (frozen !== undefined) await freezeFilesystem(this.o.runner, frozen);
+      try {
+        await this.o.runner.run("cp", ["--reflink=always", source, target]);
+      } finally {
+        if (frozen !== undefined) await thawFilesystem(this.o.runner, frozen);
+      }
+      // The clone's extents and size must be on disk before its record can say it exists.
+      await fsyncPath(target);
     } catch (err) {
       await rm(target, { force: true });
       throw new ThinvolError(`cannot clone volume "${origin}" to "${name}": ${errorMessage(err)}`, { cause: err });
-    }
-    try {
-      await this.o.runner.run("cp", ["--reflink=always", source, target]);
-    } catch (err) {
-      await rm(target, { force: true });
-      throw new ThinvolError(`cannot clone volume "${origin}" to "${name}": ${errorMessage(err)}`, { cause: err });
-    } finally {
-      if (frozen !== undefined) await thawFilesystem(this.o.runner, frozen);
     }
   }
 
@@ -163,8 +257,9 @@ export class LoopPool implements Pool {
     return (await stat(this.image(name))).size;
   }
 
-  activate(name: string): Promise<string> {
-    return attachOrReuseLoop(this.o.runner, this.image(name), this.o.log);
+  async activate(name: string): Promise<string> {
+    const image = this.image(name);
+    return attachOrReuseLoop(this.o.runner, image, this.o.log, { sectorSize: await sectorSizeForImage(image) });
   }
 
   async deactivate(name: string): Promise<void> {
@@ -178,22 +273,32 @@ export class LoopPool implements Pool {
     if (!(await detachLoopsOf(this.o.runner, image, DETACH_WAIT_MS))) {
       throw new ConflictError(`the loop device of volume "${name}" is still busy ${DETACH_WAIT_MS / 1000} s after it was detached; try again`);
     }
+    // What the volume wrote is now all in the pool: settle the reserve, so the host figures are exact.
+    await this.reserve.rebalance(0);
   }
 
   async remove(name: string): Promise<void> {
+    // Deactivating settles the reserve, so what the image frees is exactly what goes back to the host.
     await this.deactivate(name);
-    await rm(this.image(name), { force: true });
-    // xfs frees a deleted file's blocks and discards them in the background; a sync and a trim
-    // make the space show at once, in the pool and in the pool file on the host.
-    await this.o.runner.run("sync", ["--file-system", this.mnt]);
-    await this.o.runner.run("fstrim", [this.mnt]).catch((err: unknown) => {
-      this.o.log.warn("could not trim the pool; the host gets the space back later", { error: errorMessage(err) });
+    // XFS frees an unlinked file's blocks in the background, but a truncate's at once: so the
+    // space is free, and goes back to the host, before Remove answers.
+    await truncate(this.image(name), 0).catch((err: unknown) => {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
     });
+    await rm(this.image(name), { force: true });
+    await fsyncPath(this.volumesDir);
+    await this.reserve.rebalance(0);
   }
 
   async usage(): Promise<PoolUsage> {
-    const s = await statfs(this.mnt);
-    return { driver: "loop", dataTotalBytes: s.blocks * s.bsize, dataUsedBytes: (s.blocks - s.bfree) * s.bsize };
+    const [s, f] = await Promise.all([statfs(this.mnt), this.reserve.figures()]);
+    return {
+      driver: "loop",
+      dataTotalBytes: s.blocks * s.bsize,
+      dataUsedBytes: Math.max(0, (s.blocks - s.bfree) * s.bsize - f.balloonBytes),
+      hostReservedBytes: f.hostReservedBytes,
+      hostFreeBytes: f.hostFreeBytes,
+    };
   }
 
   async allocatedBytes(name: string): Promise<number> {

@@ -1,7 +1,8 @@
 import { open, readFile, rename, rm } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 
-async function fsyncPath(path: string): Promise<void> {
+/** Makes a file's data, or a directory's entries, durable. */
+export async function fsyncPath(path: string): Promise<void> {
   const handle = await open(path, "r");
   try {
     await handle.sync();

@@ -7,6 +7,8 @@ export interface MountEntry {
   mountPoint: string;
   fsType: string;
   source: string;
+  /** The filesystem's own options (for instance `discard`). */
+  superOptions?: string[];
 }
 
 /** mountinfo escapes space, tab, newline and backslash as octal. */
@@ -30,6 +32,7 @@ export function parseMountInfo(text: string): MountEntry[] {
       mountPoint: unescapeMountField(mountPoint),
       fsType: r[0] ?? "",
       source: unescapeMountField(r[1] ?? ""),
+      superOptions: (r[2] ?? "").split(","),
     });
   }
   return entries;
