@@ -8,4 +8,6 @@ if [ "$(id -u)" != 0 ]; then
 fi
 bash build/host-setup.sh
 npm run -s build
-exec node --import tsx --test --test-concurrency=1 --test-reporter=spec "$@" test/integration/*.test.ts
+# Test files given as arguments run alone; otherwise every file of the tier runs.
+if [ $# -gt 0 ]; then files=("$@"); else files=(test/integration/*.test.ts); fi
+exec node --import tsx --test --test-concurrency=1 --test-reporter=spec "${files[@]}"

@@ -13,7 +13,10 @@ export async function loopDevicesUnder(dir: string): Promise<string[]> {
   return stdout
     .split("\n")
     .map((l) => l.trim())
-    .filter((l) => l !== "" && (l.split(" ")[1] ?? "").startsWith(dir));
+    .filter((l) => {
+      const file = l.split(" ")[1] ?? "";
+      return l !== "" && (file === dir || file.startsWith(dir + "/"));
+    });
 }
 
 /** Mount points under `dir`. */
