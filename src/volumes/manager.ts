@@ -27,8 +27,13 @@ export interface VolumeManagerOptions {
 }
 
 function totalReferences(record: VolumeRecord): number {
-  return Object.values(record.mounts).reduce((a, b) => a + b, 0);
+  let total = 0;
+  for (const count of record.mounts.values()) total += count;
+  return total;
 }
+
+/** Node's chown leaves an owner or group of -1 as it is. */
+const UNCHANGED_ID = -1;
 
 function percentFree(total: number, used: number): number {
   return total > 0 ? ((total - used) / total) * 100 : 0;
@@ -74,7 +79,13 @@ export class VolumeManager implements VolumeService {
       const existing = await this.o.records.get(name);
       if (existing?.state === "ready") return; // Docker expects Create to be idempotent.
       // Leftovers of an earlier attempt that could not be cleaned up at the time.
-      if (existing?.state === "creating") await this.undoCreate(name);
+      if (existing?.state === "creating") {
+        try {
+          await this.destroy(name);
+        } catch (err) {
+          throw new ThinvolError(`cannot create volume "${name}": the leftovers of an earlier attempt cannot be removed: ${errorMessage(err)}`, { cause: err });
+        }
+      }
       if (existing?.state === "removing") await this.finishRemove(existing);
 
       let origin: VolumeRecord | undefined;
@@ -100,16 +111,23 @@ export class VolumeManager implements VolumeService {
         sizeBytes = checkSize(name, options.sizeBytes ?? this.o.defaultSizeBytes, fs);
       }
       await this.checkFreeSpace(name);
+      // The intent saved below lets a failed or interrupted create be undone by removing the
+      // name from the pool. That is safe only if the name was free when the intent was saved.
+      if ((await this.o.pool.list()).includes(name)) {
+        throw new ConflictError(
+          `cannot create volume "${name}": the ${this.o.pool.driver} pool already holds data under that name with no record ` +
+            `of a volume (a record lost or removed by hand); that data is kept, not overwritten: use another name, or move the data away`,
+        );
+      }
 
       const record: VolumeRecord = {
-        version: 1,
         name,
         state: "creating",
         createdAt: new Date().toISOString(),
         sizeBytes,
         fs,
         mountOptions: options.mountOptions,
-        mounts: {},
+        mounts: new Map(),
       };
       if (origin) record.origin = origin.name;
       if (options.uid !== undefined) record.uid = options.uid;
@@ -170,7 +188,10 @@ export class VolumeManager implements VolumeService {
       try {
         // An empty volume lets Docker copy the image's files in and lets databases initialise.
         if (fresh) await rm(join(target, "lost+found"), { recursive: true, force: true });
-        if (record.uid !== undefined || record.gid !== undefined) await chown(target, record.uid ?? 0, record.gid ?? 0);
+        if (record.uid !== undefined || record.gid !== undefined) {
+          // An owner given alone keeps the root's group (a clone's is its origin's), and a group alone the owner.
+          await chown(target, record.uid ?? UNCHANGED_ID, record.gid ?? UNCHANGED_ID);
+        }
         if (record.mode !== undefined) await chmod(target, record.mode);
       } finally {
         await unmount(this.o.runner, target);
@@ -180,7 +201,11 @@ export class VolumeManager implements VolumeService {
     }
   }
 
-  /** Best-effort rollback of a create that failed or was interrupted. */
+  /**
+   * Best-effort rollback of a create that failed or was interrupted. Everything under the
+   * name in the pool is this create's own: create() saves its intent only after checking
+   * that the pool does not hold the name.
+   */
   private async undoCreate(name: string): Promise<void> {
     try {
       await this.destroy(name);
@@ -198,19 +223,63 @@ export class VolumeManager implements VolumeService {
       const record = await this.o.records.get(name);
       if (!record) return; // Already gone: Remove is idempotent.
       if (record.state === "creating") throw new ConflictError(`volume "${name}" is still being created`);
+      if (record.state === "removing") {
+        await this.finishRemove(record);
+        return;
+      }
+      // Docker calls Remove only when no container uses the volume, so a mount left behind is
+      // forced away. It goes before the intent is saved: if it fails (busy), nothing has changed.
+      if (await this.isMounted(name)) {
+        try {
+          await unmount(this.o.runner, this.mountpointOf(name));
+        } catch (err) {
+          throw new ThinvolError(`cannot remove volume "${name}": ${errorMessage(err)}`, { cause: err });
+        }
+      }
+      // References now explain no mount; a crash from here on must not leave them behind.
+      record.mounts = new Map();
       record.state = "removing";
       await this.o.records.save(record);
       await this.finishRemove(record);
     });
   }
 
-  /** Docker calls Remove only when no container uses the volume, so a mount left behind is forced away. */
+  /**
+   * Finishes a remove whose intent is saved. If the pool refuses (a busy device), the pool
+   * still holds the volume and it is put back as it was, so it is not hidden from Docker
+   * and the next start does not delete it.
+   */
   private async finishRemove(record: VolumeRecord): Promise<void> {
     try {
       await this.destroy(record.name);
     } catch (err) {
-      throw new ThinvolError(`cannot remove volume "${record.name}": ${errorMessage(err)}`, { cause: err });
+      const failure = new ThinvolError(`cannot remove volume "${record.name}": ${errorMessage(err)}`, { cause: err });
+      // The pool's remove is all or nothing, so the pool says which of the two happened.
+      let held: boolean;
+      try {
+        held = (await this.o.pool.list()).includes(record.name);
+      } catch {
+        throw failure; // The intent stays, for the next start.
+      }
+      if (!held) {
+        // The pool removed it; only a later step failed. The remove is done but for its record.
+        this.o.log.warn("the pool removed the volume but a later step failed", { volume: record.name, error: errorMessage(err) });
+        await this.o.records.delete(record.name);
+        await rmdir(this.mountpointOf(record.name)).catch(() => undefined);
+        return;
+      }
+      await this.restore(record).catch((restoreErr: unknown) => {
+        this.o.log.error("cannot put back the record of a volume whose remove failed", { volume: record.name, error: errorMessage(restoreErr) });
+      });
+      throw failure;
     }
+  }
+
+  /** Puts back a volume whose remove failed, with the references that its mount state explains. */
+  private async restore(record: VolumeRecord): Promise<void> {
+    record.state = "ready";
+    if (!(await this.isMounted(record.name))) record.mounts = new Map();
+    await this.o.records.save(record);
   }
 
   /**
@@ -248,7 +317,7 @@ export class VolumeManager implements VolumeService {
           throw new ThinvolError(`cannot mount volume "${name}": ${errorMessage(err)}`, { cause: err });
         }
       }
-      record.mounts[id] = (record.mounts[id] ?? 0) + 1;
+      record.mounts.set(id, (record.mounts.get(id) ?? 0) + 1);
       await this.o.records.save(record);
       return target;
     });
@@ -258,13 +327,16 @@ export class VolumeManager implements VolumeService {
     const name = checkVolumeName(rawName);
     await this.locks.with(name, async () => {
       const record = await this.load(name);
-      const count = record.mounts[id];
+      const count = record.mounts.get(id);
       if (count === undefined) {
         this.o.log.warn("unmount for a mount ID that holds no reference", { volume: name, id });
-      } else if (count <= 1) {
-        delete record.mounts[id];
       } else {
-        record.mounts[id] = count - 1;
+        if (count <= 1) record.mounts.delete(id);
+        else record.mounts.set(id, count - 1);
+        // Saved before the teardown: Docker forgets this reference even when the teardown fails,
+        // and a reference kept for it would keep the volume mounted for ever. The teardown is
+        // retried by the next Unmount that drops the last reference, or by the next start.
+        await this.o.records.save(record);
       }
       if (totalReferences(record) === 0) {
         try {
@@ -273,7 +345,6 @@ export class VolumeManager implements VolumeService {
           throw new ThinvolError(`cannot unmount volume "${name}": ${errorMessage(err)}`, { cause: err });
         }
       }
-      await this.o.records.save(record);
     });
   }
 
@@ -313,7 +384,10 @@ export class VolumeManager implements VolumeService {
       const allocated = await this.o.pool.allocatedBytes(name);
       status["allocated"] = formatSize(allocated);
       status["allocatedBytes"] = allocated;
-      status["pool"] = describePool(await this.o.pool.usage());
+      const usage = await this.o.pool.usage();
+      status["pool"] = describePool(usage);
+      if (usage.hostReservedBytes !== undefined) status["hostReservedBytes"] = usage.hostReservedBytes;
+      if (usage.hostFreeBytes !== undefined) status["hostFreeBytes"] = usage.hostFreeBytes;
     } catch (err) {
       status["poolError"] = errorMessage(err);
     }
@@ -372,8 +446,14 @@ export class VolumeManager implements VolumeService {
       }
       if (record.state === "removing") {
         this.o.log.warn("finishing a remove that was interrupted", { volume: name });
-        await this.finishRemove(record);
-        return;
+        try {
+          await this.finishRemove(record);
+          return;
+        } catch (err) {
+          this.o.log.error("cannot finish the remove; the volume is kept", { volume: name, error: errorMessage(err) });
+        }
+        // finishRemove has put the volume back if the pool still holds it; serve it as it is.
+        if ((await this.o.records.get(name))?.state !== "ready") return;
       }
       if (!inPool.has(name)) {
         this.o.log.error("volume has a record but no data in the pool", { volume: name, driver: this.o.pool.driver });
@@ -384,7 +464,7 @@ export class VolumeManager implements VolumeService {
       if (mounted) await this.thawIfFrozen(name);
       if (refs > 0 && !mounted) {
         this.o.log.warn("dropping mount references whose mount is gone", { volume: name, references: refs });
-        record.mounts = {};
+        record.mounts = new Map();
         await this.o.records.save(record);
         await this.o.pool.deactivate(name);
       } else if (refs === 0 && mounted) {
@@ -413,5 +493,7 @@ export function describePool(u: PoolUsage): string {
   if (u.metaTotalBytes !== undefined && u.metaUsedBytes !== undefined && u.metaTotalBytes > 0) {
     s += `, metadata ${((u.metaUsedBytes / u.metaTotalBytes) * 100).toFixed(1)}%`;
   }
+  if (u.hostReservedBytes !== undefined) s += `; ${formatSize(u.hostReservedBytes)} of host disk reserved`;
+  if (u.hostFreeBytes !== undefined) s += `${u.hostReservedBytes !== undefined ? "," : ";"} ${formatSize(u.hostFreeBytes)} free on the host`;
   return s;
 }

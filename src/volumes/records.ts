@@ -4,8 +4,28 @@ import * as v from "valibot";
 import { readJsonFile, removeFileDurably, writeFileAtomic } from "../system/atomic-file.js";
 import { VOLUME_NAME_PATTERN } from "./options.js";
 
-const RecordSchema = v.object({
-  version: v.literal(1),
+const CountSchema = v.pipe(v.number(), v.integer(), v.minValue(0));
+
+/**
+ * Version 1 kept mount IDs as keys of a plain object, where IDs such as "__proto__" or
+ * "toString" collide with Object.prototype. Its files still load: the keys are read as
+ * the JSON parser made them (own properties), never through a lookup.
+ */
+const MountsV1Schema = v.pipe(
+  v.custom<Record<string, number>>(
+    (x) => typeof x === "object" && x !== null && !Array.isArray(x) && Object.values(x).every((n) => v.is(CountSchema, n)),
+    "mounts must map mount IDs to reference counts",
+  ),
+  v.transform((o) => new Map(Object.entries(o))),
+);
+
+/** Version 2 keeps them as a list, which no ID can collide with. */
+const MountsV2Schema = v.pipe(
+  v.array(v.object({ id: v.string(), count: CountSchema })),
+  v.transform((list) => new Map(list.map((m) => [m.id, m.count]))),
+);
+
+const fields = {
   name: v.pipe(v.string(), v.regex(VOLUME_NAME_PATTERN)),
   /** creating and removing are intents: start-up rolls them back or forward. */
   state: v.picklist(["creating", "ready", "removing"]),
@@ -17,11 +37,22 @@ const RecordSchema = v.object({
   gid: v.optional(v.number()),
   mode: v.optional(v.number()),
   mountOptions: v.array(v.string()),
-  /** Docker mount ID → how many times that ID has mounted the volume. */
-  mounts: v.record(v.string(), v.number()),
-});
+};
 
-export type VolumeRecord = v.InferOutput<typeof RecordSchema>;
+const RecordSchema = v.variant("version", [
+  v.object({ version: v.literal(1), ...fields, mounts: MountsV1Schema }),
+  v.object({ version: v.literal(2), ...fields, mounts: MountsV2Schema }),
+]);
+
+const VERSION = 2;
+
+type Parsed = v.InferOutput<typeof RecordSchema>;
+
+/** A volume's record in memory: the file's version is the store's business. */
+export type VolumeRecord = Omit<Parsed, "version" | "mounts"> & {
+  /** Docker mount ID → how many times that ID has mounted the volume. */
+  mounts: Map<string, number>;
+};
 
 const SUFFIX = ".json";
 
@@ -47,11 +78,13 @@ export class RecordStore {
     if (!parsed.success) {
       throw new Error(`the record of volume "${name}" at ${this.path(name)} is damaged: ${parsed.issues.map((i) => i.message).join("; ")}`);
     }
-    return parsed.output;
+    const { version: _version, ...record } = parsed.output;
+    return record;
   }
 
   async save(record: VolumeRecord): Promise<void> {
-    await writeFileAtomic(this.path(record.name), JSON.stringify(record, null, 2) + "\n");
+    const mounts = [...record.mounts].map(([id, count]) => ({ id, count }));
+    await writeFileAtomic(this.path(record.name), JSON.stringify({ version: VERSION, ...record, mounts }, null, 2) + "\n");
   }
 
   async delete(name: string): Promise<void> {

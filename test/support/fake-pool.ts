@@ -1,14 +1,34 @@
 import type { CloneOptions, Pool, PoolUsage } from "../../src/pool/types.js";
 
-/** An in-memory pool that behaves like a real one from the volume layer's side. */
+export interface FakeVolume {
+  size: number;
+  active: boolean;
+  origin?: string;
+  /** Set when a filesystem was made on the device (see format()); a clone has its origin's. */
+  formatted: boolean;
+  /** Stands for the volume's contents: a clone starts with its origin's. */
+  data: string;
+}
+
+const DEVICE_PREFIX = "/dev/fake/";
+
+/**
+ * An in-memory pool that behaves like a real one from the volume layer's side: it
+ * refuses a name it holds, each call is all or nothing, and its volumes outlive a
+ * crash of the volume manager that uses it.
+ */
 export class FakePool implements Pool {
   readonly driver = "loop" as const;
-  readonly volumes = new Map<string, { size: number; active: boolean; origin?: string }>();
+  readonly volumes = new Map<string, FakeVolume>();
   readonly clones: { name: string; origin: string; options: CloneOptions }[] = [];
   dataTotalBytes = 100 * 1024 ** 3;
   dataUsedBytes = 0;
+  hostReservedBytes: number | undefined;
+  hostFreeBytes: number | undefined;
   /** Set to make the next create or clone fail with this message. */
   failNext: string | undefined;
+  /** Set to make the next remove fail with this message and keep the volume, as a busy device does. */
+  failRemoveNext: string | undefined;
 
   async open() {}
   async close() {}
@@ -23,7 +43,7 @@ export class FakePool implements Pool {
   async create(name: string, sizeBytes: number) {
     if (this.volumes.has(name)) throw new Error(`"${name}" exists`);
     this.take();
-    this.volumes.set(name, { size: sizeBytes, active: false });
+    this.volumes.set(name, { size: sizeBytes, active: false, formatted: false, data: "" });
   }
   async clone(name: string, origin: string, options: CloneOptions = {}) {
     const o = this.volumes.get(origin);
@@ -31,7 +51,7 @@ export class FakePool implements Pool {
     if (this.volumes.has(name)) throw new Error(`"${name}" exists`);
     this.take();
     this.clones.push({ name, origin, options });
-    this.volumes.set(name, { size: o.size, active: false, origin });
+    this.volumes.set(name, { size: o.size, active: false, origin, formatted: o.formatted, data: o.data });
   }
   private need(name: string) {
     const v = this.volumes.get(name);
@@ -43,22 +63,39 @@ export class FakePool implements Pool {
   }
   async activate(name: string) {
     this.need(name).active = true;
-    return `/dev/fake/${name}`;
+    return DEVICE_PREFIX + name;
   }
   async deactivate(name: string) {
     const v = this.volumes.get(name);
     if (v) v.active = false;
   }
   async remove(name: string) {
+    const f = this.failRemoveNext;
+    this.failRemoveNext = undefined;
+    if (f !== undefined && this.volumes.has(name)) throw new Error(f);
     this.volumes.delete(name);
   }
   async usage(): Promise<PoolUsage> {
-    return { driver: "loop", dataTotalBytes: this.dataTotalBytes, dataUsedBytes: this.dataUsedBytes };
+    const u: PoolUsage = { driver: "loop", dataTotalBytes: this.dataTotalBytes, dataUsedBytes: this.dataUsedBytes };
+    if (this.hostReservedBytes !== undefined) u.hostReservedBytes = this.hostReservedBytes;
+    if (this.hostFreeBytes !== undefined) u.hostFreeBytes = this.hostFreeBytes;
+    return u;
   }
   async allocatedBytes() {
     return 0;
   }
   active(): string[] {
     return [...this.volumes].filter(([, v]) => v.active).map(([n]) => n);
+  }
+  /** The volume behind a device path this pool handed out, if it still exists. */
+  volumeAt(device: string): FakeVolume | undefined {
+    return device.startsWith(DEVICE_PREFIX) ? this.volumes.get(device.slice(DEVICE_PREFIX.length)) : undefined;
+  }
+  /** What mkfs does to the device: a fresh, empty filesystem. */
+  format(device: string): void {
+    const v = this.volumeAt(device);
+    if (!v) throw new Error(`mkfs: ${device} does not exist`);
+    v.formatted = true;
+    v.data = "";
   }
 }
