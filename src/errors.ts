@@ -46,3 +46,46 @@ export class CommandError extends ThinvolError {
 export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
+
+/** The request body is over the limit: nothing was read past it and nothing was changed. */
+export class RequestTooLargeError extends InvalidRequestError {
+  override name = "RequestTooLargeError";
+}
+
+/**
+ * The most characters of user-supplied text that a message or a log line quotes:
+ * enough for any valid volume name (96) and Docker's mount IDs (64) to show whole.
+ */
+export const QUOTE_MAX_CHARS = 100;
+
+/**
+ * Characters a terminal or log viewer would act on instead of showing: C0 and C1
+ * controls, DEL, line and paragraph separators, bidirectional overrides, BOM.
+ */
+const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]/g;
+
+const SHORT_ESCAPES: Readonly<Record<string, string>> = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+
+/** Escapes unprintable characters as `\uXXXX`, and lone surrogates too, so text stays on one readable line. */
+export function escapeUnprintable(text: string): string {
+  return text
+    .replace(UNPRINTABLE, (ch) => SHORT_ESCAPES[ch] ?? `\\u${ch.charCodeAt(0).toString(16).padStart(4, "0")}`)
+    .replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, (ch) => `\\u${ch.charCodeAt(0).toString(16)}`);
+}
+
+/**
+ * Quotes user-supplied text (a name, an option, a mount ID) for an error or a log
+ * line: in double quotes, unprintable characters escaped, and cut after `max`
+ * characters with "…" and the full length, so hostile input cannot flood either.
+ */
+export function quote(text: string, max = QUOTE_MAX_CHARS): string {
+  const chars = Array.from(text);
+  const shown = escapeUnprintable(chars.slice(0, max).join("").replace(/["\\]/g, (ch) => `\\${ch}`));
+  return chars.length <= max ? `"${shown}"` : `"${shown}…" (${chars.length} characters)`;
+}
+
+/** Quotes at most `max` items of a list and says how many more there are. */
+export function quoteList(items: readonly string[], max = 5): string {
+  const shown = items.slice(0, max).map((i) => quote(i)).join(", ");
+  return items.length <= max ? shown : `${shown} and ${items.length - max} more`;
+}

@@ -1,3 +1,5 @@
+import { escapeUnprintable } from "./errors.js";
+
 export type LogLevel = "debug" | "info" | "warn" | "error";
 
 const ORDER: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
@@ -11,9 +13,17 @@ export interface Logger {
   error(msg: string, fields?: LogFields): void;
 }
 
+/**
+ * A backstop for values no caller capped (user input is quoted shorter where it is
+ * read): one field must not turn a log line into megabytes.
+ */
+export const LOG_VALUE_MAX_CHARS = 4096;
+
+/** Plain printable ASCII stays bare; anything else is JSON-quoted with unprintables escaped, so a value never breaks the line. */
 function formatValue(v: string | number | boolean): string {
-  const s = String(v);
-  return /^[^\s"=]+$/.test(s) ? s : JSON.stringify(s);
+  let s = String(v);
+  if (s.length > LOG_VALUE_MAX_CHARS) s = `${s.slice(0, LOG_VALUE_MAX_CHARS)}… (${s.length} characters)`;
+  return /^[!#-<>-[\]-~]+$/.test(s) ? s : escapeUnprintable(JSON.stringify(s));
 }
 
 /** One line per event: `time level message key=value ...`, on stdout (Docker collects it). */

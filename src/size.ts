@@ -14,7 +14,8 @@ const UNITS: Record<string, number> = {
  * other volume drivers. Returns undefined when the text is not a size.
  */
 export function parseSize(text: string): number | undefined {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$/i.exec(text);
+  // Trimmed first: a pattern with leading and trailing \s* runs in quadratic time on long runs of spaces.
+  const m = /^(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?$/i.exec(text.trim());
   if (!m || m[1] === undefined) return undefined;
   const unit = UNITS[(m[2] ?? "").toLowerCase()];
   if (unit === undefined) return undefined;

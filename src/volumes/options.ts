@@ -1,5 +1,5 @@
 import * as v from "valibot";
-import { InvalidRequestError } from "../errors.js";
+import { InvalidRequestError, quote, quoteList } from "../errors.js";
 import { formatSize, parseSize } from "../size.js";
 import type { FsType } from "../system/filesystem.js";
 
@@ -14,7 +14,7 @@ export const VolumeNameSchema = v.pipe(
   v.regex(
     VOLUME_NAME_PATTERN,
     (issue) =>
-      `invalid volume name ${JSON.stringify(issue.input)}: use 1 to 96 letters, digits, '_', '.' or '-', starting with a letter or digit`,
+      `invalid volume name ${quote(String(issue.input))}: use 1 to 96 letters, digits, '_', '.' or '-', starting with a letter or digit`,
   ),
 );
 
@@ -25,6 +25,13 @@ export function checkVolumeName(name: unknown): string {
 }
 
 export const ALLOWED_OPTIONS = ["size", "fs", "from", "uid", "gid", "mode", "mountopts"] as const;
+
+/**
+ * Every allowed value fits easily (all mount options together are about 100
+ * characters); longer ones are refused before any parsing, so no pattern ever
+ * runs over megabytes of input.
+ */
+export const MAX_OPTION_VALUE_CHARS = 256;
 
 /** Mount options a volume may ask for: none of them can reach outside the volume. */
 export const ALLOWED_MOUNT_OPTIONS = [
@@ -60,7 +67,7 @@ export interface CreateOptions {
 
 const idSchema = (what: string) =>
   v.pipe(
-    v.string(),
+    v.string(`${what} must be a string`),
     v.regex(/^\d{1,10}$/, `${what} must be a whole number from 0 to 4294967294`),
     v.transform(Number),
     v.maxValue(4294967294, `${what} must be a whole number from 0 to 4294967294`),
@@ -75,7 +82,7 @@ const OptionsSchema = v.object(
         v.rawTransform(({ dataset, addIssue, NEVER }) => {
           const bytes = parseSize(dataset.value);
           if (bytes === undefined) {
-            addIssue({ message: `size ${JSON.stringify(dataset.value)} is not a size: use a number with an optional unit, such as 64M, 20G or 1T` });
+            addIssue({ message: `size ${quote(dataset.value)} is not a size: use a number with an optional unit, such as 64M, 20G or 1T` });
             return NEVER;
           }
           return bytes;
@@ -83,28 +90,29 @@ const OptionsSchema = v.object(
         v.maxValue(MAX_SIZE, `size must be at most ${formatSize(MAX_SIZE)}`),
       ),
     ),
-    fs: v.optional(v.picklist(["ext4", "xfs"], (i) => `fs ${JSON.stringify(i.input)} is not supported: use ext4 or xfs`)),
+    fs: v.optional(v.picklist(["ext4", "xfs"], (i) => `fs ${quote(String(i.input))} is not supported: use ext4 or xfs`)),
     from: v.optional(
-      v.pipe(v.string(), v.regex(VOLUME_NAME_PATTERN, (i) => `from ${JSON.stringify(i.input)} is not a valid volume name`)),
+      v.pipe(v.string(), v.regex(VOLUME_NAME_PATTERN, (i) => `from ${quote(String(i.input))} is not a valid volume name`)),
     ),
     uid: v.optional(idSchema("uid")),
     gid: v.optional(idSchema("gid")),
     mode: v.optional(
       v.pipe(
         v.string(),
-        v.regex(/^0?[0-7]{3,4}$/, (i) => `mode ${JSON.stringify(i.input)} must be octal permissions such as 755, 0700 or 1777`),
+        v.regex(/^0?[0-7]{3,4}$/, (i) => `mode ${quote(String(i.input))} must be octal permissions such as 755, 0700 or 1777`),
         v.transform((s) => Number.parseInt(s, 8)),
       ),
     ),
     mountopts: v.optional(
       v.pipe(
         v.string(),
-        v.transform((s) => s.split(",").map((o) => o.trim()).filter((o) => o !== "")),
+        // Duplicates are harmless to mount(8) but would be stored and passed on every mount.
+        v.transform((s) => [...new Set(s.split(",").map((o) => o.trim()).filter((o) => o !== ""))]),
         v.check(
           (list) => list.every((o) => (ALLOWED_MOUNT_OPTIONS as readonly string[]).includes(o)),
           (i) => {
             const bad = (i.input as string[]).filter((o) => !(ALLOWED_MOUNT_OPTIONS as readonly string[]).includes(o));
-            return `mount option ${bad.map((b) => JSON.stringify(b)).join(", ")} is not allowed: allowed are ${ALLOWED_MOUNT_OPTIONS.join(", ")}`;
+            return `mount option ${quoteList(bad)} is not allowed: allowed are ${ALLOWED_MOUNT_OPTIONS.join(", ")}`;
           },
         ),
       ),
@@ -118,15 +126,21 @@ const OptionsSchema = v.object(
  */
 export function parseCreateOptions(volume: string, raw: Readonly<Record<string, string>> | null | undefined): CreateOptions {
   const input = raw ?? {};
+  const what = `cannot create volume ${quote(volume)}`;
+  // Own keys, `__proto__` and `constructor` included: an option nobody reads must be refused, not dropped.
   const unknown = Object.keys(input).filter((k) => !(ALLOWED_OPTIONS as readonly string[]).includes(k));
   if (unknown.length > 0) {
-    throw new InvalidRequestError(
-      `cannot create volume "${volume}": unknown option ${unknown.map((k) => JSON.stringify(k)).join(", ")}; allowed options are ${ALLOWED_OPTIONS.join(", ")}`,
-    );
+    throw new InvalidRequestError(`${what}: unknown option ${quoteList(unknown)}; allowed options are ${ALLOWED_OPTIONS.join(", ")}`);
   }
+  const problems: string[] = [];
+  for (const [key, value] of Object.entries(input)) {
+    if (typeof value !== "string") problems.push(`option ${key} must be a string`);
+    else if (value.length > MAX_OPTION_VALUE_CHARS) problems.push(`option ${key} is ${value.length} characters long; the most is ${MAX_OPTION_VALUE_CHARS}`);
+  }
+  if (problems.length > 0) throw new InvalidRequestError(`${what}: ${problems.join("; ")}`);
   const result = v.safeParse(OptionsSchema, input);
   if (!result.success) {
-    throw new InvalidRequestError(`cannot create volume "${volume}": ${result.issues.map((i) => i.message).join("; ")}`);
+    throw new InvalidRequestError(`${what}: ${result.issues.map((i) => i.message).join("; ")}`);
   }
   const o = result.output;
   const options: CreateOptions = { mountOptions: o.mountopts ?? [] };
@@ -137,7 +151,7 @@ export function parseCreateOptions(volume: string, raw: Readonly<Record<string, 
   if (o.gid !== undefined) options.gid = o.gid;
   if (o.mode !== undefined) options.mode = o.mode;
   if (o.from !== undefined && o.from === volume) {
-    throw new InvalidRequestError(`cannot create volume "${volume}": a volume cannot be a clone of itself`);
+    throw new InvalidRequestError(`${what}: a volume cannot be a clone of itself`);
   }
   return options;
 }
@@ -146,7 +160,7 @@ export function parseCreateOptions(volume: string, raw: Readonly<Record<string, 
 export function checkSize(volume: string, sizeBytes: number, fs: FsType): number {
   if (sizeBytes < MIN_SIZE[fs]) {
     throw new InvalidRequestError(
-      `cannot create volume "${volume}": size ${formatSize(sizeBytes)} is too small for ${fs}; the minimum is ${formatSize(MIN_SIZE[fs])}`,
+      `cannot create volume ${quote(volume)}: size ${formatSize(sizeBytes)} is too small for ${fs}; the minimum is ${formatSize(MIN_SIZE[fs])}`,
     );
   }
   return Math.ceil(sizeBytes / 4096) * 4096;

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import { createApp } from "../../src/api/app.js";
-import { InvalidRequestError, NotFoundError } from "../../src/errors.js";
+import { MAX_BODY_BYTES, MAX_MOUNT_ID_CHARS, createApp } from "../../src/api/app.js";
+import { NoSpaceError, NotFoundError, QUOTE_MAX_CHARS } from "../../src/errors.js";
 import { silentLogger } from "../../src/log.js";
 import { checkVolumeName, parseCreateOptions } from "../../src/volumes/options.js";
 import type { VolumeInfo, VolumeService, VolumeSummary } from "../../src/volumes/types.js";
@@ -183,12 +183,144 @@ describe("Docker VolumeDriver protocol", () => {
     assert.match(lines[0] ?? "", /request method=VolumeDriver.Get volume=ghost outcome=error ms=\d+ error=/);
   });
 
-  test("an InvalidRequestError thrown by the service reaches the user word for word", async () => {
+  test("an error thrown by the service reaches the user word for word", async () => {
     const svc = new FakeVolumes();
     svc.create = async () => {
-      throw new InvalidRequestError('cannot create volume "x": size "12Q" is not a size');
+      throw new NoSpaceError('cannot create volume "x": the loop pool has 3.0% free');
     };
-    const res = await call(createApp(svc, silentLogger), "VolumeDriver.Create", JSON.stringify({ Name: "x", Opts: { size: "12Q" } }));
-    assert.equal(res.json["Err"], 'cannot create volume "x": size "12Q" is not a size');
+    const res = await call(createApp(svc, silentLogger), "VolumeDriver.Create", JSON.stringify({ Name: "x", Opts: { size: "1G" } }));
+    assert.equal(res.json["Err"], 'cannot create volume "x": the loop pool has 3.0% free');
+  });
+});
+
+/** A body of `total` bytes that is produced only as it is read, counting what was read. */
+function lazyBody(total: number, chunk = 64 * 1024) {
+  const counter = { pulled: 0 };
+  const stream = new ReadableStream<Uint8Array>({
+    pull(controller) {
+      if (counter.pulled >= total) return controller.close();
+      const n = Math.min(chunk, total - counter.pulled);
+      counter.pulled += n;
+      controller.enqueue(new Uint8Array(n).fill(0x20));
+    },
+  });
+  return { stream, counter };
+}
+
+describe("hostile requests at the edge", () => {
+  test("a Content-Length over 1 MiB is refused with 413 and {Err} naming the limit, before the body is read", async () => {
+    const svc = new FakeVolumes();
+    const { stream, counter } = lazyBody(250 * 1024 ** 2);
+    const res = await createApp(svc, silentLogger).request("/VolumeDriver.Create", {
+      method: "POST",
+      headers: { "Content-Length": String(250 * 1024 ** 2) },
+      body: stream,
+      duplex: "half",
+    } as RequestInit);
+    assert.equal(res.status, 413);
+    assert.match(String(((await res.json()) as Record<string, unknown>)["Err"]), /over thinvol's limit of 1048576 bytes \(1 MiB\)/);
+    assert.equal(counter.pulled <= 64 * 1024, true, `read ${counter.pulled} bytes of a body refused by its length`);
+    assert.deepEqual(svc.calls, []);
+  });
+
+  test("a chunked body is cut off just past 1 MiB, never read whole, and the reply says the limit", async () => {
+    const svc = new FakeVolumes();
+    const { stream, counter } = lazyBody(250 * 1024 ** 2);
+    const res = await createApp(svc, silentLogger).request("/VolumeDriver.Create", { method: "POST", body: stream, duplex: "half" } as RequestInit);
+    assert.equal(res.status, 413);
+    assert.match(String(((await res.json()) as Record<string, unknown>)["Err"]), /more than 1048576 bytes, over thinvol's limit/);
+    assert.ok(counter.pulled < 2 * MAX_BODY_BYTES, `read ${counter.pulled} bytes of a 250 MiB body`);
+    assert.deepEqual(svc.calls, []);
+  });
+
+  test("the limit holds for methods that take no arguments too; a body at the limit is accepted", async () => {
+    const app = createApp(new FakeVolumes(), silentLogger);
+    assert.equal((await call(app, "VolumeDriver.List", " ".repeat(MAX_BODY_BYTES + 1))).status, 413);
+    const padded = JSON.stringify({ Name: "ok" }).padEnd(MAX_BODY_BYTES, " ");
+    assert.deepEqual(await call(app, "VolumeDriver.Create", padded), { status: 200, json: {} });
+  });
+
+  for (const [label, body, pattern] of [
+    ["an array", "[]", /must be a JSON object, not an array/],
+    ["null", "null", /must be a JSON object, not null/],
+    ["a number", "42", /must be a JSON object, not a number/],
+    ["a string", '"db"', /must be a JSON object, not a string/],
+    ["invalid UTF-8", Buffer.from([0x7b, 0x22, 0x4e, 0x61, 0x6d, 0x65, 0x22, 0x3a, 0x22, 0xff, 0xfe, 0x22, 0x7d]), /not valid UTF-8/],
+    ["Opts that is a list", JSON.stringify({ Name: "db", Opts: ["size", "1G"] }), /Opts must be an object/],
+    ["a number as an option value", JSON.stringify({ Name: "db", Opts: { size: 1073741824 } }), /the value of option "size" must be a string/],
+    ["__proto__ as an option", '{"Name":"db","Opts":{"__proto__":"x"}}', /unknown option "__proto__"/],
+    ["constructor as an option", '{"Name":"db","Opts":{"constructor":"x","size":"1G"}}', /unknown option "constructor"/],
+    ["a Name that is a number", JSON.stringify({ Name: 7 }), /Name must be a string/],
+  ] as const) {
+    test(`Create with ${label} is refused with {Err} and creates nothing`, async () => {
+      const svc = new FakeVolumes();
+      const res = await createApp(svc, silentLogger).request("/VolumeDriver.Create", { method: "POST", body });
+      assert.equal(res.status, 500);
+      assert.match(String(((await res.json()) as Record<string, unknown>)["Err"]), pattern);
+      assert.deepEqual(svc.calls, []);
+    });
+  }
+
+  test("Mount and Unmount refuse an over-long ID or one with control characters, and accept one at the cap or none (older callers)", async () => {
+    const svc = new FakeVolumes();
+    const app = createApp(svc, silentLogger);
+    await call(app, "VolumeDriver.Create", JSON.stringify({ Name: "v" }));
+    for (const [body, pattern] of [
+      [{ Name: "v", ID: "x".repeat(MAX_MOUNT_ID_CHARS + 1) }, /ID is 257 characters long; the most is 256/],
+      [{ Name: "v", ID: "a\nb" }, /ID "a\\nb" must not contain control characters/],
+    ] as const) {
+      for (const method of ["VolumeDriver.Mount", "VolumeDriver.Unmount"]) {
+        const res = await call(app, method, JSON.stringify(body));
+        assert.equal(res.status, 500, `${method} ${JSON.stringify(body).slice(0, 40)}`);
+        assert.match(String(res.json["Err"]), pattern);
+      }
+    }
+    assert.deepEqual(svc.calls, ["create v null"]);
+    const id = "f".repeat(MAX_MOUNT_ID_CHARS);
+    assert.deepEqual(await call(app, "VolumeDriver.Mount", JSON.stringify({ Name: "v", ID: id })), { status: 200, json: { Mountpoint: "/mnt/thinvol/v" } });
+    for (const body of [{ Name: "v" }, { Name: "v", ID: "" }]) {
+      assert.deepEqual(await call(app, "VolumeDriver.Mount", JSON.stringify(body)), { status: 200, json: { Mountpoint: "/mnt/thinvol/v" } });
+    }
+  });
+
+  test("GET on a protocol method is a 405 with {Err}; an unknown path is a 404 that quotes it capped", async () => {
+    const app = createApp(new FakeVolumes(), silentLogger);
+    const get = await app.request("/VolumeDriver.List");
+    assert.equal(get.status, 405);
+    assert.match(String(((await get.json()) as Record<string, unknown>)["Err"]), /"\/VolumeDriver.List" must be called with POST, not "GET"/);
+    const res = await app.request(`/${"z".repeat(5000)}`, { method: "POST" });
+    assert.equal(res.status, 404);
+    const err = String(((await res.json()) as Record<string, unknown>)["Err"]);
+    assert.match(err, /does not implement "\/z+…" \(5001 characters\)/);
+    assert.ok(err.length < 200, err);
+  });
+
+  test("a huge invalid Name is quoted in the error and the log line cut to the cap, with its length", async () => {
+    const lines: string[] = [];
+    const { createLogger } = await import("../../src/log.js");
+    const svc = new FakeVolumes();
+    const name = "\u001b[2J" + "n".repeat(500_000);
+    const res = await call(createApp(svc, createLogger("info", (l) => lines.push(l))), "VolumeDriver.Create", JSON.stringify({ Name: name }));
+    assert.equal(res.status, 500);
+    const err = String(res.json["Err"]);
+    assert.match(err, /^bad request: invalid volume name "\\u001b\[2Jn+…" \(500004 characters\): use 1 to 96/);
+    assert.equal((err.match(/n/g) ?? []).length < QUOTE_MAX_CHARS + 20, true, err);
+    assert.equal(lines.length, 1);
+    assert.ok((lines[0] ?? "").length < 1000, `a log line of ${(lines[0] ?? "").length} characters`);
+    assert.match(lines[0] ?? "", /volume="\\"\\\\u001b\[2Jn+…\\" \(500004 characters\)" outcome=error/);
+    assert.equal(lines[0]?.includes("\u001b"), false, "no raw escape character reaches the log");
+    assert.deepEqual(svc.calls, []);
+  });
+
+  test("a log value with a newline stays on one line, and a runaway value is cut", async () => {
+    const lines: string[] = [];
+    const { createLogger, LOG_VALUE_MAX_CHARS } = await import("../../src/log.js");
+    const log = createLogger("info", (l) => lines.push(l));
+    log.warn("x", { error: "first\nforged 2026-01-01T00:00:00Z info ready", big: "b".repeat(100_000) });
+    assert.equal(lines.length, 1);
+    assert.equal(lines[0]?.includes("\n"), false);
+    assert.match(lines[0] ?? "", /error="first\\nforged/);
+    assert.ok((lines[0] ?? "").length < LOG_VALUE_MAX_CHARS + 200);
+    assert.match(lines[0] ?? "", /… \(100000 characters\)/);
   });
 });

@@ -2,7 +2,8 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { loadSettings } from "../../src/settings.js";
 import { formatSize, parseSize } from "../../src/size.js";
-import { checkSize, parseCreateOptions } from "../../src/volumes/options.js";
+import { QUOTE_MAX_CHARS, quote, quoteList } from "../../src/errors.js";
+import { MAX_OPTION_VALUE_CHARS, checkSize, checkVolumeName, parseCreateOptions } from "../../src/volumes/options.js";
 
 describe("sizes", () => {
   for (const [text, bytes] of [
@@ -56,6 +57,72 @@ describe("volume options", () => {
     assert.throws(() => checkSize("v", 100 * 1024 ** 2, "xfs"), /100 MiB is too small for xfs; the minimum is 300 MiB/);
     assert.throws(() => checkSize("v", 1024 ** 2, "ext4"), /too small for ext4/);
     assert.equal(checkSize("v", 64 * 1024 ** 2 + 1, "ext4"), 64 * 1024 ** 2 + 4096);
+  });
+});
+
+describe("quoting user input in messages", () => {
+  test("short text is quoted whole, with quotes and backslashes escaped", () => {
+    assert.equal(quote('a"b\\c'), '"a\\"b\\\\c"');
+  });
+  test("control, bidirectional and separator characters are escaped, so a message stays one readable line", () => {
+    assert.equal(quote("a\nb\r\t\u0000\u001b\u007f\u0085\u2028\u202e\ufeff"), '"a\\nb\\r\\t\\u0000\\u001b\\u007f\\u0085\\u2028\\u202e\\ufeff"');
+    assert.equal(quote("x\ud800y"), '"x\\ud800y"', "a lone surrogate");
+  });
+  test("long text is cut at the cap with … and its full length; a character is never split", () => {
+    assert.equal(quote("x".repeat(QUOTE_MAX_CHARS)), `"${"x".repeat(QUOTE_MAX_CHARS)}"`);
+    assert.equal(quote("x".repeat(1_000_000)), `"${"x".repeat(QUOTE_MAX_CHARS)}…" (1000000 characters)`);
+    assert.equal(quote("😀".repeat(200)), `"${"😀".repeat(QUOTE_MAX_CHARS)}…" (200 characters)`);
+  });
+  test("a list names its first five and counts the rest", () => {
+    assert.equal(quoteList(["a", "b", "c", "d", "e", "f", "g"]), '"a", "b", "c", "d", "e" and 2 more');
+  });
+  test("an invalid volume name is quoted capped and escaped", () => {
+    assert.throws(() => checkVolumeName("\u001b]0;pwned\u0007" + "y".repeat(10_000)), (err: Error) => {
+      assert.match(err.message, /^invalid volume name "\\u001b\]0;pwned\\u0007y+…" \(10010 characters\): use 1 to 96/);
+      assert.ok(err.message.length < 250, err.message);
+      return true;
+    });
+  });
+  test("thousands of unknown options, each huge, make a short error", () => {
+    const opts: Record<string, string> = {};
+    for (let i = 0; i < 5000; i++) opts[`k${i}-${"q".repeat(1000)}`] = "v";
+    assert.throws(() => parseCreateOptions("v", opts), (err: Error) => {
+      assert.match(err.message, /unknown option "k0-q+…" \(1003 characters\), .* and 4995 more; allowed options are size/);
+      assert.ok(err.message.length < 1000, `an error of ${err.message.length} characters`);
+      return true;
+    });
+  });
+  test("option values are quoted capped in every message", () => {
+    const long = "\n" + "z".repeat(200);
+    for (const [opts, pattern] of [
+      [{ size: long }, /size "\\nz+…" \(201 characters\) is not a size/],
+      [{ fs: long }, /fs "\\nz+…" \(201 characters\) is not supported/],
+      [{ from: long }, /from "\\nz+…" \(201 characters\) is not a valid volume name/],
+      [{ mode: long }, /mode "\\nz+…" \(201 characters\) must be octal/],
+      [{ mountopts: `noatime,${long}` }, /mount option "z+…" \(200 characters\) is not allowed/],
+    ] as const) {
+      assert.throws(() => parseCreateOptions("v", opts), (err: Error) => pattern.test(err.message) && err.message.length < 400);
+    }
+  });
+});
+
+describe("options from hostile requests", () => {
+  test("__proto__ and constructor as own keys (as JSON.parse makes them) are unknown options, not dropped", () => {
+    assert.throws(() => parseCreateOptions("v", JSON.parse('{"__proto__":"x"}') as Record<string, string>), /unknown option "__proto__"/);
+    assert.throws(() => parseCreateOptions("v", JSON.parse('{"size":"1G","constructor":"x"}') as Record<string, string>), /unknown option "constructor"/);
+  });
+  test("an option value over the cap is refused before it is parsed", () => {
+    // parseSize's pattern is quadratic on runs of spaces: a megabyte of them would block for minutes.
+    assert.throws(
+      () => parseCreateOptions("v", { size: "1" + " ".repeat(1024 ** 2) + "x" }),
+      new RegExp(`option size is ${1024 ** 2 + 2} characters long; the most is ${MAX_OPTION_VALUE_CHARS}`),
+    );
+  });
+  test("a value that is not a string is refused, naming the option", () => {
+    assert.throws(() => parseCreateOptions("v", { uid: 5 } as unknown as Record<string, string>), /option uid must be a string/);
+  });
+  test("repeated mount options are kept once", () => {
+    assert.deepEqual(parseCreateOptions("v", { mountopts: "noatime,noatime,nodev,noatime" }).mountOptions, ["noatime", "nodev"]);
   });
 });
 
