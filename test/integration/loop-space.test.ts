@@ -133,6 +133,31 @@ describe("loop pool space on the host", () => {
     });
   }
 
+  test("an xfs volume made with 512-byte sectors by an earlier thinvol still mounts, and so does its clone", async () => {
+    await call("VolumeDriver.Create", { Name: "legacy", Opts: { fs: "xfs", size: "320M" } });
+    // What thinvol made before: xfs with 512-byte sectors, on a loop device that had them.
+    const image = join(p?.dir ?? "", "state", "pool-loop", "mnt", "volumes", "legacy.img");
+    const dev = execFileSync("losetup", ["--find", "--show", "--sector-size", "512", image]).toString().trim();
+    try {
+      execFileSync("mkfs.xfs", ["-q", "-f", "-K", "-s", "size=512", dev]);
+      const mnt = join(root, "legacy-mnt");
+      await mkdir(mnt, { recursive: true });
+      execFileSync("mount", [dev, mnt]);
+      await writeFile(join(mnt, "f"), "made by an earlier thinvol");
+      execFileSync("umount", [mnt]);
+    } finally {
+      execFileSync("losetup", ["--detach", dev]);
+    }
+    await call("VolumeDriver.Create", { Name: "legacy-copy", Opts: { from: "legacy" } });
+    for (const name of ["legacy", "legacy-copy"]) {
+      const mp = await mount(name, "c1");
+      assert.equal(await readFile(join(mp, "f"), "utf8"), "made by an earlier thinvol");
+      await call("VolumeDriver.Unmount", { Name: name, ID: "c1" });
+    }
+    await call("VolumeDriver.Remove", { Name: "legacy-copy" });
+    await call("VolumeDriver.Remove", { Name: "legacy" });
+  });
+
   test("a pool file whose state file is lost is never formatted over", async () => {
     await call("VolumeDriver.Create", { Name: "precious", Opts: {} });
     const mp = await mount("precious", "c1");
