@@ -1,4 +1,5 @@
 import { open, stat } from "node:fs/promises";
+import { allocateFileRange } from "../system/extents.js";
 import type { Runner } from "../system/runner.js";
 
 const MiB = 1024 * 1024;
@@ -34,6 +35,16 @@ export async function growSparseFile(path: string, size: number): Promise<number
   } finally {
     await handle.close();
   }
+}
+
+/**
+ * Allocates `path` on the host from its start to `size` (creating it, 0600, and growing it;
+ * never shrinking), so writes to it can never fail for want of host space. An allocated
+ * range is left as it is; holes in it are filled.
+ */
+export async function allocateFile(runner: Runner, path: string, size: number): Promise<void> {
+  await growSparseFile(path, 0);
+  await allocateFileRange(runner, path, { offset: 0, length: size });
 }
 
 /**

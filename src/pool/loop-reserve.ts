@@ -6,18 +6,10 @@ import type { Logger } from "../log.js";
 import { formatSize } from "../size.js";
 import { allocateFileRange, allocateRange, fileExtents, punchRange, type Extent } from "../system/extents.js";
 import type { Runner } from "../system/runner.js";
+import { headroomBytes, hostFloorBytes } from "./host-space.js";
 
 const MiB = 1024 ** 2;
-const GiB = 1024 ** 3;
 
-/** Free pool space kept backed by host blocks: a share of the pool, within bounds. */
-const HEADROOM_SHARE = 0.1;
-const HEADROOM_MIN = 512 * MiB;
-const HEADROOM_MAX = 4 * GiB;
-/** Host space the pool never takes for itself: a share of the host filesystem, within bounds. */
-const HOST_FLOOR_SHARE = 0.02;
-const HOST_FLOOR_MIN = 64 * MiB;
-const HOST_FLOOR_MAX = GiB;
 /** The reserve follows use in steps no finer than this, so a writer does not cause a command per block. */
 const SLACK_MAX = 64 * MiB;
 /** Left out of the balloon when it is made: the pool's XFS needs some room for its own metadata. */
@@ -71,7 +63,7 @@ export class HostReserve {
   private readonly lock = new KeyedLock();
   private hostLow = false;
   private timer: NodeJS.Timeout | undefined;
-  private headroom = HEADROOM_MIN;
+  private headroom = 0;
   /** The device number of the pool's filesystem, taken at setUp(): nothing is done anywhere else. */
   private poolDev: number | undefined;
 
@@ -83,7 +75,7 @@ export class HostReserve {
   }
 
   setPoolSize(poolSizeBytes: number): void {
-    this.headroom = Math.min(HEADROOM_MAX, Math.max(HEADROOM_MIN, roundDown(poolSizeBytes * HEADROOM_SHARE, MiB)));
+    this.headroom = headroomBytes(poolSizeBytes, MiB);
   }
 
   private get slack(): number {
@@ -92,8 +84,7 @@ export class HostReserve {
 
   private async hostFloor(): Promise<{ avail: number; floor: number }> {
     const s = await statfs(this.o.poolFile);
-    const floor = Math.min(HOST_FLOOR_MAX, Math.max(HOST_FLOOR_MIN, s.blocks * s.bsize * HOST_FLOOR_SHARE));
-    return { avail: s.bavail * s.bsize, floor };
+    return { avail: s.bavail * s.bsize, floor: hostFloorBytes(s.blocks * s.bsize) };
   }
 
   /**

@@ -49,7 +49,8 @@ export class DmThinFixture {
 
   /** A fresh driver on the same directory and kernel, as after a plugin restart. */
   newPool(opts: Partial<DmThinOptions> = {}): DmThinPool {
-    this.pool = new DmThinPool({ runner: this.kernel.runner, dir: this.dir, dataSizeBytes: GiB, log: this.log, ...this.defaults, ...opts });
+    // No timer: tests call growIfNeeded() where the timer would have run.
+    this.pool = new DmThinPool({ runner: this.kernel.runner, dir: this.dir, dataSizeBytes: GiB, log: this.log, host: this.kernel.hostSpace, growthIntervalMs: 0, ...this.defaults, ...opts });
     return this.pool;
   }
 

@@ -1,4 +1,5 @@
-import { closeSync, openSync, readSync, realpathSync, statSync, writeSync } from "node:fs";
+import { closeSync, openSync, readSync, realpathSync, statSync, truncateSync, writeSync } from "node:fs";
+import type { HostSpace } from "../../src/pool/host-space.js";
 import { FakeRunner, commandFailure, type FakeReply } from "./fake-runner.js";
 
 /*
@@ -9,6 +10,10 @@ import { FakeRunner, commandFailure, type FakeReply } from "./fake-runner.js";
  * not. It answers the command lines the driver runs, with the errors the real
  * tools print, so tests can assert outcomes: which thin ids exist, what the
  * pool's transaction id is, whether anything was left suspended.
+ *
+ * The host filesystem under the pool files is simulated too: `fallocate` reserves space
+ * in it (the real files stay sparse, so tests cost no disk), `hostSpace` is what the
+ * driver reads of it, and a test can fill it from outside or give it more room.
  *
  * Crash injection: crashAt(n) makes the n-th command from now never return,
  * either before or after it takes effect, like a process killed at that point.
@@ -48,7 +53,14 @@ interface ThinTable {
   text: string;
 }
 
-type Table = PoolTable | ThinTable;
+/** Any other target (e.g. `linear`): a device thinvol must leave alone. */
+interface OtherTable {
+  kind: "other";
+  length: number;
+  text: string;
+}
+
+type Table = PoolTable | ThinTable | OtherTable;
 
 interface DmDev {
   name: string;
@@ -67,6 +79,8 @@ export interface PoolMetadata {
   /** data block → how many thins map it */
   refs: Map<number, number>;
   nextDataBlock: number;
+  /** The data device's length in blocks as the metadata records it: a pool table may not be shorter. */
+  dataBlocks: number;
   /** thin_check's complaint, when the metadata is damaged. */
   damage: string | undefined;
 }
@@ -98,6 +112,23 @@ export class FakeDmKernel {
   modprobeWorks = false;
   /** Every command run, as `command arg...` lines. */
   readonly log: string[] = [];
+  /** The simulated host filesystem: its size, and bytes used by anything but allocated pool files. */
+  hostSizeBytes = 2 ** 40;
+  hostOtherBytes = 0;
+  /** Allocated bytes of each file, by real path (a file is allocated from its start). */
+  readonly allocated = new Map<string, number>();
+  /** What the driver reads of the simulated host filesystem. */
+  readonly hostSpace: HostSpace = {
+    freeBytes: async () => this.hostFreeBytes(),
+    totalBytes: async () => this.hostSizeBytes,
+    allocatedBytes: async (file) => {
+      try {
+        return this.allocated.get(realpathSync(file)) ?? 0;
+      } catch {
+        return 0;
+      }
+    },
+  };
 
   private nextDmMinor = 0;
   private failures: { match: (line: string) => boolean; stderr: string; times: number }[] = [];
@@ -109,6 +140,17 @@ export class FakeDmKernel {
   }
 
   // ------------------------------------------------------------ test controls
+
+  hostFreeBytes(): number {
+    let used = this.hostOtherBytes;
+    for (const n of this.allocated.values()) used += n;
+    return Math.max(0, this.hostSizeBytes - used);
+  }
+
+  /** Something outside the pool fills the host until `freeBytes` are left. */
+  fillHostTo(freeBytes: number): void {
+    this.hostOtherBytes += Math.max(0, this.hostFreeBytes() - freeBytes);
+  }
 
   /** Makes the n-th command from now (1-based) never return. Resolves when that happens. */
   crashAt(n: number, options: CrashOptions): Promise<void> {
@@ -275,6 +317,8 @@ export class FakeDmKernel {
         return this.blkdiscard(args);
       case "thin_check":
         return this.thinCheck(args);
+      case "fallocate":
+        return this.fallocate(args);
       case "modprobe":
         if (this.modprobeWorks && this.thinPoolModuleExists && args[0] === "dm_thin_pool") {
           this.thinPoolLoaded = true;
@@ -451,7 +495,7 @@ export class FakeDmKernel {
       this.openMetadata(t);
       t.meta.holders++;
       t.data.holders++;
-    } else {
+    } else if (t.kind === "thin") {
       t.pool.openCount++;
     }
     dev.live = t;
@@ -461,7 +505,7 @@ export class FakeDmKernel {
     if (t.kind === "thin-pool") {
       this.releaseLoop(t.meta);
       this.releaseLoop(t.data);
-    } else {
+    } else if (t.kind === "thin") {
       t.pool.openCount--;
     }
   }
@@ -475,13 +519,17 @@ export class FakeDmKernel {
       readSync(fd, buf, 0, 4096, 0);
       if (buf.every((b) => b === 0)) {
         writeSync(fd, Buffer.from(SUPERBLOCK_MAGIC), 0, SUPERBLOCK_MAGIC.length, 0);
-        this.metadata.set(key, { transactionId: 0, thins: new Map(), refs: new Map(), nextDataBlock: 0, damage: undefined });
+        this.metadata.set(key, { transactionId: 0, thins: new Map(), refs: new Map(), nextDataBlock: 0, dataBlocks: 0, damage: undefined });
       }
     } finally {
       closeSync(fd);
     }
     const md = this.metadata.get(key);
     if (!md || md.damage) throw new DmFailure(`device-mapper: reload ioctl on pool  failed: Invalid argument`);
+    // "pool target (N blocks) too small: expected M": a data device never shrinks.
+    const blocks = Math.floor(t.length / t.blockSize);
+    if (blocks < md.dataBlocks) throw new DmFailure(`device-mapper: reload ioctl on pool  failed: Invalid argument`);
+    md.dataBlocks = blocks;
   }
 
   private parseTable(name: string, text: string, existing: DmDev | undefined): Table {
@@ -513,6 +561,7 @@ export class FakeDmKernel {
       if (!this.metaOf(pool.live).thins.has(id)) throw invalid();
       return { kind: "thin", length, pool, id, text: [0, length, "thin", `${DM_MAJOR}:${pool.minor}`, id].join(" ") };
     }
+    if (p[2] === "linear" && p.length === 5) return { kind: "other", length, text: p.join(" ") };
     throw invalid();
   }
 
@@ -530,8 +579,10 @@ export class FakeDmKernel {
       const dataTotal = Math.floor(t.length / t.blockSize);
       const dataUsed = this.usedDataBlocks(md);
       const mode = dataUsed >= dataTotal ? "out_of_data_space" : "rw";
-      return `0 ${t.length} thin-pool ${md.transactionId} ${metaUsed}/${metaTotal} ${dataUsed}/${dataTotal} - ${mode} discard_passdown error_if_no_space - ${Math.floor(metaTotal / 4)}`;
+      const discard = t.features.includes("no_discard_passdown") ? "no_discard_passdown" : "discard_passdown";
+      return `0 ${t.length} thin-pool ${md.transactionId} ${metaUsed}/${metaTotal} ${dataUsed}/${dataTotal} - ${mode} ${discard} error_if_no_space - ${Math.floor(metaTotal / 4)}`;
     }
+    if (t.kind === "other") return `0 ${t.length} ${t.text.split(" ")[2]}`;
     const pool = t.pool.live as PoolTable;
     const map = this.metaOf(pool).thins.get(t.id) ?? new Map<number, number>();
     if (map.size === 0) return `0 ${t.length} thin 0 -`;
@@ -608,6 +659,25 @@ export class FakeDmKernel {
       for (const p of map.values()) this.unref(md, p);
       map.clear();
     }
+    return "";
+  }
+
+  /** `fallocate --offset 0 --length N file`: allocates [0, N) on the host, growing the file; all or nothing. */
+  private fallocate(args: readonly string[]): FakeReply {
+    if (args[0] !== "--offset" || args[1] !== "0") return new Error(`fake kernel: unexpected fallocate ${args.join(" ")}`);
+    const [flag, lengthText, file] = args.slice(2);
+    if (flag !== "--length" || !/^\d+$/.test(lengthText ?? "") || file === undefined) return new Error(`fake kernel: unexpected fallocate ${args.join(" ")}`);
+    const length = Number(lengthText);
+    let key: string;
+    try {
+      key = realpathSync(file);
+    } catch {
+      return commandFailure(`fallocate: cannot open ${file}: No such file or directory`);
+    }
+    const have = this.allocated.get(key) ?? 0;
+    if (length - have > this.hostFreeBytes()) return commandFailure("fallocate: fallocate failed: No space left on device");
+    this.allocated.set(key, Math.max(have, length));
+    if (statSync(key).size < length) truncateSync(key, length);
     return "";
   }
 

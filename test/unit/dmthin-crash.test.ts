@@ -216,7 +216,7 @@ describe("crash recovery rules", () => {
   test("crash during a delete: open finishes it", async () => {
     const f = await dmThinFixture();
     await f.pool.create("db", GiB);
-    const crashed = f.kernel.crashWhen(/^blkdiscard/, { when: "before" });
+    const crashed = f.kernel.crashWhen(/^dmsetup message thinvol-pool 0 delete/, { when: "before" });
     void f.pool.remove("db");
     await crashed;
     f.kernel.revive();
@@ -230,7 +230,7 @@ describe("crash recovery rules", () => {
     const f = await dmThinFixture();
     await f.pool.create("db", GiB);
     await f.pool.activate("db");
-    const crashed = f.kernel.crashWhen(/^blkdiscard/, { when: "before" });
+    const crashed = f.kernel.crashWhen(/^dmsetup remove .*thinvol-db$/, { when: "before" });
     void f.pool.remove("db");
     await crashed;
     f.kernel.revive();

@@ -9,26 +9,32 @@ import { FakeDmKernel } from "../support/fake-dm-kernel.js";
 after(cleanupFixtures);
 
 describe("dm-thin pool: open", () => {
-  test("a new pool is two sparse files on direct-I/O loop devices joined into a thin pool", async () => {
+  test("a new pool is two allocated files on direct-I/O loop devices joined into a thin pool; data reserved only ahead of use", async () => {
     const f = await dmThinFixture({ dataSizeBytes: 10 * GiB });
     const data = await stat(f.dataFile);
     const meta = await stat(f.metaFile);
-    assert.equal(data.size, 10 * GiB);
-    assert.ok(data.blocks * 512 < MiB, "data file is sparse");
-    // 48 bytes × (10 GiB / 64 KiB) = 7.5 MiB → 8 MiB
+    // Headroom max(512 MiB, 10 %) = 1 GiB; a new pool reserves twice that.
+    assert.equal(data.size, 2 * GiB);
+    assert.equal(await f.kernel.hostSpace.allocatedBytes(f.dataFile), 2 * GiB, "the data file is allocated on the host, not sparse");
+    // 48 bytes × (10 GiB / 64 KiB) = 7.5 MiB → 8 MiB, all of it allocated
     assert.equal(meta.size, 8 * MiB);
+    assert.equal(await f.kernel.hostSpace.allocatedBytes(f.metaFile), 8 * MiB);
     const loops = [...f.kernel.loops.values()];
     assert.equal(loops.length, 2);
     assert.ok(loops.every((l) => l.directIo));
     const pool = f.kernel.device("thinvol-pool");
     assert.ok(pool?.live?.kind === "thin-pool");
-    assert.match(pool.live.text, / 128 \d+ 2 skip_block_zeroing error_if_no_space$/);
+    assert.equal(pool.live.length * 512, 2 * GiB);
+    // Low-water mark = the headroom, in blocks; discards never punch holes in the reserved file.
+    assert.match(pool.live.text, / 128 16384 3 skip_block_zeroing error_if_no_space no_discard_passdown$/);
     assert.ok(f.kernel.nodes.has("/dev/mapper/thinvol-pool"));
     const usage = await f.pool.usage();
     assert.equal(usage.driver, "dm-thin");
     assert.equal(usage.dataTotalBytes, 10 * GiB);
     assert.equal(usage.dataUsedBytes, 0);
     assert.equal(usage.metaTotalBytes, 8 * MiB);
+    assert.equal(usage.hostReservedBytes, 2 * GiB + 8 * MiB);
+    assert.equal(usage.hostFreeBytes, f.kernel.hostSizeBytes - 2 * GiB - 8 * MiB);
   });
 
   test("on a filesystem that refuses direct I/O the loop devices are made without it", async () => {
@@ -108,15 +114,18 @@ describe("dm-thin pool: open", () => {
     assert.equal(f.kernel.device("thinvol-pool"), undefined, "the pool was not started");
   });
 
-  test("growing the pool while it is live: bigger file, loop capacity refreshed, table reloaded, pool resumed", async () => {
+  test("a larger POOL_SIZE on a live pool: metadata grown at once (table reloaded, pool resumed), data reserved as it is used", async () => {
     const f = await dmThinFixture({ dataSizeBytes: GiB });
     await f.pool.create("db", GiB);
-    const pool = await f.reopen({ dataSizeBytes: 4 * GiB });
-    assert.equal((await stat(f.dataFile)).size, 4 * GiB);
-    assert.equal((await pool.usage()).dataTotalBytes, 4 * GiB);
+    const pool = await f.reopen({ dataSizeBytes: 40 * GiB });
+    assert.equal((await pool.usage()).dataTotalBytes, 40 * GiB);
+    assert.equal((await stat(f.metaFile)).size, 30 * MiB);
     assert.ok(f.kernel.log.some((c) => c.startsWith("losetup --set-capacity")));
+    assert.ok(f.kernel.log.some((c) => c.startsWith("dmsetup load thinvol-pool")));
     assert.deepEqual(f.kernel.suspendedDevices(), []);
-    assert.equal((await f.state()).dataSizeBytes, 4 * GiB);
+    // Half of the 1 GiB is free: under the new 4 GiB headroom, so the reservation grows to 8 GiB.
+    assert.equal((await f.state()).dataSizeBytes, 8 * GiB);
+    assert.equal(await f.kernel.hostSpace.allocatedBytes(f.dataFile), 8 * GiB);
     assert.deepEqual(await pool.list(), ["db"]);
   });
 
@@ -128,10 +137,10 @@ describe("dm-thin pool: open", () => {
   });
 
   test("a smaller size never shrinks the pool", async () => {
-    const f = await dmThinFixture({ dataSizeBytes: 2 * GiB });
-    const pool = await f.reopen({ dataSizeBytes: GiB });
-    assert.equal((await pool.usage()).dataTotalBytes, 2 * GiB);
-    assert.equal((await stat(f.dataFile)).size, 2 * GiB);
+    const f = await dmThinFixture({ dataSizeBytes: GiB });
+    const pool = await f.reopen({ dataSizeBytes: 512 * MiB });
+    assert.equal((await pool.usage()).dataTotalBytes, GiB);
+    assert.equal((await stat(f.dataFile)).size, GiB);
     assert.ok(f.logs.some((l) => / warn .*cannot shrink/.test(l)));
   });
 
@@ -367,29 +376,37 @@ describe("dm-thin pool: clone", () => {
 });
 
 describe("dm-thin pool: remove", () => {
-  test("remove discards the blocks, removes the device, deletes the id and forgets the volume", async () => {
+  test("remove removes the device, deletes the id (its blocks go back to the pool) and forgets the volume", async () => {
     const f = await dmThinFixture();
     await f.pool.create("keep", GiB);
     await f.pool.create("db", GiB);
     await f.pool.activate("db");
     f.kernel.write("thinvol-db", 0, 8 * BLOCK);
     assert.equal((await f.pool.usage()).dataUsedBytes, 8 * BLOCK);
+    const reserved = (await f.pool.usage()).hostReservedBytes;
     await f.pool.remove("db");
-    assert.ok(f.kernel.log.includes("blkdiscard /dev/mapper/thinvol-db"));
     assert.equal(f.kernel.device("thinvol-db"), undefined);
     assert.deepEqual(await f.pool.list(), ["keep"]);
+    // The host space stays reserved for the pool: nothing to discard.
+    assert.ok(!f.kernel.log.some((c) => c.startsWith("blkdiscard")));
+    assert.equal((await f.pool.usage()).hostReservedBytes, reserved);
     assert.equal((await f.pool.usage()).dataUsedBytes, 0);
     const ids = await f.ids();
     assert.deepEqual(ids.kernel, ids.state);
     assert.equal(f.kernel.transactionId(f.metaFile), (await f.state()).transactionId);
   });
 
-  test("an inactive volume is activated to be discarded", async () => {
+  test("an inactive volume is removed without being activated", async () => {
     const f = await dmThinFixture();
     await f.pool.create("db", GiB);
+    await f.pool.activate("db");
+    f.kernel.write("thinvol-db", 0, 4 * BLOCK);
+    await f.pool.deactivate("db");
+    const from = f.kernel.log.length;
     await f.pool.remove("db");
-    assert.ok(f.kernel.log.includes("blkdiscard /dev/mapper/thinvol-db"));
+    assert.ok(!f.commandsSince(from).some((c) => c.startsWith("dmsetup create")));
     assert.deepEqual(f.kernel.thinIds(f.metaFile), []);
+    assert.equal((await f.pool.usage()).dataUsedBytes, 0);
     assert.equal(f.kernel.device("thinvol-db"), undefined);
   });
 
@@ -400,16 +417,6 @@ describe("dm-thin pool: remove", () => {
     await f.pool.remove("db");
     await f.pool.remove("never-existed");
     assert.deepEqual(await f.pool.list(), []);
-  });
-
-  test("a failing blkdiscard is logged and the remove still happens", async () => {
-    const f = await dmThinFixture();
-    await f.pool.create("db", GiB);
-    f.kernel.failWhen(/^blkdiscard/, "blkdiscard: Operation not supported");
-    await f.pool.remove("db");
-    assert.deepEqual(await f.pool.list(), []);
-    assert.deepEqual(f.kernel.thinIds(f.metaFile), []);
-    assert.ok(f.logs.some((l) => / warn blkdiscard failed/.test(l) && l.includes("volume=db")));
   });
 
   test("a volume whose device is in use is kept, with its data, and the error says so", async () => {

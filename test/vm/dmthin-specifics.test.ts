@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, open, readFile, readdir, rm, statfs, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
@@ -82,11 +82,13 @@ class PoolUnderTest {
   constructor(
     readonly name: string,
     readonly dataSizeBytes: number,
+    /** The directory the pool's directory goes in; the scratch dir by default. */
+    private readonly parent: () => string = () => base,
   ) {}
 
   /** Under the scratch dir, which exists once the outer `before` ran. */
   get dir(): string {
-    return join(base, this.name);
+    return join(this.parent(), this.name);
   }
 
   /** A mountpoint for one of this pool's volumes; teardown unmounts whatever is left there. */
@@ -146,6 +148,15 @@ class PoolUnderTest {
       .sort((a, b) => a - b);
     assert.deepEqual(await this.kernelThinIds(), known, "thin ids in the pool metadata = thin ids of known volumes");
     assert.equal((await thinPoolStatus(real, this.poolDev)).transactionId, s.transactionId, "pool transaction id = state file's");
+  }
+
+  /**
+   * Takes the pool down and deletes its files: its data file is allocated, and on the VM's
+   * tmpfs every reserved byte is RAM.
+   */
+  async discard(): Promise<void> {
+    await this.tearDownKernelSide();
+    await rm(this.dir, { recursive: true, force: true });
   }
 
   async dmDevices(): Promise<string[]> {
@@ -294,6 +305,7 @@ describe("dm-thin specifics on a real kernel", () => {
   // ------------------------------------------------------------------ 1. restart
   describe("restart", () => {
     const P = new PoolUnderTest(`${PREFIX}-rs`, 1 * GiB);
+    after(() => P.discard());
     let a: Driver;
     const sums = new Map<string, string>();
     let mnt: string;
@@ -375,6 +387,7 @@ describe("dm-thin specifics on a real kernel", () => {
   // ------------------------------------------------------------------ 2. crashes
   describe("a crash in the middle of an operation", () => {
     const P = new PoolUnderTest(`${PREFIX}-cr`, 1 * GiB);
+    after(() => P.discard());
     let d: Driver;
     let fresh: { data: number; meta: number };
     let keepSum: string;
@@ -473,9 +486,9 @@ describe("dm-thin specifics on a real kernel", () => {
       await assertKeepIntact();
     });
 
-    test("during a remove, after blkdiscard: the remove completes, the clone's origin is untouched", async () => {
+    test("during a remove, after its device was taken away: the remove completes, the clone's origin is untouched", async () => {
       await d.pool.activate("snap");
-      await crashThenReopen("after blkdiscard", (c) => c === "blkdiscard", (p) => p.remove("snap"));
+      await crashThenReopen("after dmsetup remove", (c, a) => c === "dmsetup" && a[0] === "remove" && a.at(-1) === `${P.name}-snap`, (p) => p.remove("snap"));
       assert.deepEqual(await d.pool.list(), ["keep"]);
       await assertKeepIntact();
     });
@@ -503,6 +516,7 @@ describe("dm-thin specifics on a real kernel", () => {
   // and the volume turned read-only.
   describe("a pool filled to its limit", () => {
     const P = new PoolUnderTest(`${PREFIX}-full`, 256 * MiB);
+    after(() => P.discard());
     let d: Driver;
     let smallSum: string;
     let bigMnt: string;
@@ -634,6 +648,186 @@ describe("dm-thin specifics on a real kernel", () => {
     });
   });
 
+  // ------------------------------------------------------------------ 3b. host filesystem full
+  // The pool's directory on a 1 GiB ext4 of its own: the pool (4 GiB) can promise more than
+  // the host holds, so it reserves host space ahead of use and stops where the host ends.
+  describe("a host filesystem smaller than the pool", () => {
+    let hostDir: string;
+    let hostLoop = "";
+    const P = new PoolUnderTest(`${PREFIX}-host`, 4 * GiB, () => hostDir);
+    let d: Driver;
+    let aMnt: string;
+    let bMnt: string;
+
+    const hostFree = async () => {
+      const st = await statfs(hostDir);
+      return st.bavail * st.bsize;
+    };
+    const allocated = async (f: string) => Number((await real.run("stat", ["-c", "%b", f])).stdout.trim()) * 512;
+
+    before(async () => {
+      pools.push(P);
+      hostDir = join(base, "hostfs");
+      await mkdir(hostDir, { recursive: true });
+      const img = join(base, "hostfs.img");
+      await real.run("truncate", ["-s", "1G", img]);
+      await real.run("mkfs.ext4", ["-q", "-F", img]);
+      hostLoop = (await real.run("losetup", ["--find", "--show", img])).stdout.trim();
+      await mountDevice(real, hostLoop, hostDir, "ext4", []);
+      await mkdir(P.dir, { recursive: true });
+      const free0 = await hostFree();
+      d = await P.open();
+      const u = await d.pool.usage();
+      note(`host fs: ${Math.round(free0 / MiB)} MiB free before the pool; pool reserved ${Math.round((u.hostReservedBytes ?? 0) / MiB)} MiB, host free after ${Math.round((u.hostFreeBytes ?? 0) / MiB)} MiB`);
+      for (const [v, size] of [["a", GiB], ["b", 256 * MiB]] as const) {
+        await d.pool.create(v, size);
+        const dev = await d.pool.activate(v);
+        await formatFilesystem(real, dev, "ext4", v);
+      }
+      aMnt = await P.mountpoint("a");
+      bMnt = await P.mountpoint("b");
+      await mountDevice(real, "/dev/mapper/" + P.name + "-a", aMnt, "ext4", baseMountOptions("ext4"));
+      await mountDevice(real, "/dev/mapper/" + P.name + "-b", bMnt, "ext4", baseMountOptions("ext4"));
+      await writeFile(join(bMnt, "keep"), Buffer.alloc(MiB, 7));
+      await real.run("sync", ["-f", bMnt]);
+    });
+
+    after(async () => {
+      for (const m of [aMnt, bMnt]) if (m && (await mountOptions(m)) !== "(not mounted)") await unmount(real, m).catch(() => undefined);
+      await d?.pool.close().catch(() => undefined);
+      await P.tearDownKernelSide().catch(() => undefined);
+      if ((await mountOptions(hostDir)) !== "(not mounted)") await unmount(real, hostDir);
+      if (hostLoop) await real.run("losetup", ["--detach", hostLoop]).catch(() => undefined);
+      await rm(join(base, "hostfs.img"), { force: true });
+    });
+
+    test("the pool reserves host space: usage says how much, and how much the host has left", async () => {
+      const u = await d.pool.usage();
+      const files = (await allocated(join(P.dir, "data.img"))) + (await allocated(join(P.dir, "meta.img")));
+      note(`usage: reserved ${u.hostReservedBytes} B (files hold ${files} B), host free ${u.hostFreeBytes} B, data ${u.dataUsedBytes}/${u.dataTotalBytes} B`);
+      assert.equal(u.hostReservedBytes, files);
+      assert.ok((u.hostReservedBytes ?? 0) > 512 * MiB, "more than the headroom is reserved");
+      assert.ok((u.hostFreeBytes ?? Infinity) < 400 * MiB, "the host keeps only about its floor free");
+      assert.equal(u.dataTotalBytes, 4 * GiB);
+    });
+
+    test("one volume fills the pool: its writes fail, the other volume keeps working, both stay read-write; freeing space brings writes back without a remount", async () => {
+      const script = `
+        const fs = require("fs");
+        const fd = fs.openSync(process.argv[1], "w");
+        const chunk = Buffer.alloc(4 << 20, 0xcd);
+        let total = 0;
+        for (;;) {
+          try {
+            fs.writeSync(fd, chunk);
+            fs.fsyncSync(fd);
+          } catch (e) {
+            fs.writeSync(1, "err " + e.code + " " + total + "\\n");
+            process.exit(0);
+          }
+          total += chunk.length;
+          fs.writeSync(1, "ok " + total + "\\n");
+        }
+      `;
+      const logsBefore = d.logs.length;
+      const child = spawn(process.execPath, ["-e", script, join(aMnt, "fill")], { stdio: ["ignore", "pipe", "inherit"] });
+      const lines: string[] = [];
+      let hung = false;
+      let watchdog = setTimeout(() => undefined, 0);
+      const arm = () => {
+        clearTimeout(watchdog);
+        watchdog = setTimeout(() => {
+          hung = true;
+          child.kill("SIGKILL");
+        }, 30_000);
+      };
+      arm();
+      createInterface({ input: child.stdout }).on("line", (l) => {
+        lines.push(l);
+        arm();
+      });
+      await new Promise<void>((resolve) => child.on("exit", () => resolve()));
+      clearTimeout(watchdog);
+      const last = lines.at(-1) ?? "";
+      note(`host-limited pool: filler stopped with "${last}"; pool status ${await P.rawStatus()}; host free ${Math.round((await hostFree()) / MiB)} MiB`);
+      assert.ok(!hung, `a write hung for over 30 s; steps: ${lines.slice(-3).join(" | ")}`);
+      const m = /^err (\S+) (\d+)$/.exec(last);
+      assert.ok(m, `the filler ended with a write error, not: ${last}`);
+      assert.ok(m[1] === "ENOSPC" || m[1] === "EIO", `the failing write says ENOSPC or EIO, not ${m[1]}`);
+      note(`the failing write: ${m[1]} after ${Number(m[2]) / MiB} MiB`);
+      assert.equal((await thinPoolStatus(real, P.poolDev)).mode, "out_of_data_space");
+      const warnings = d.logs.slice(logsBefore).filter((l) => / warn dm-thin pool cannot reserve more host space/.test(l));
+      note(`driver warnings while filling: ${warnings.length}: ${warnings[0] ?? ""}`);
+      assert.ok(warnings.length <= 1, "warned at most once while the host stayed low");
+
+      // The other volume: an existing file is rewritten in place (its blocks are already in the pool) and synced.
+      const fd = await open(join(bMnt, "keep"), "r+");
+      try {
+        await fd.write(Buffer.alloc(MiB, 9), 0, MiB, 0);
+        await fd.sync();
+      } finally {
+        await fd.close();
+      }
+      assert.deepEqual(await readFile(join(bMnt, "keep")), Buffer.alloc(MiB, 9));
+      assert.match(await mountOptions(bMnt), /^rw/, "the other volume is still read-write");
+      assert.match(await mountOptions(aMnt), /^rw/, `the full volume is still read-write; kernel:\n${(await kernelLines(/EXT4-fs|JBD2|Aborting/)).join("\n")}`);
+
+      // Free space inside the full volume: no remount. Until the trim reaches the pool, writeback
+      // of the rm's own metadata can still fail once more; syncfs reports each such error once.
+      await rm(join(aMnt, "fill"));
+      for (let i = 0; i < 2; i++) {
+        const r = await real.run("sync", ["-f", aMnt], { okExitCodes: [1] });
+        if (r.exitCode !== 0) note(`sync -f #${i + 1} after the rm reported an earlier lost write: ${r.stderr.trim()}`);
+        await real.run("fstrim", [aMnt]);
+      }
+      await writeFile(join(aMnt, "again"), Buffer.alloc(16 * MiB, 1));
+      await real.run("sync", ["-f", aMnt]);
+      assert.match(await mountOptions(aMnt), /^rw/);
+      assert.equal((await thinPoolStatus(real, P.poolDev)).mode, "rw");
+      const aborted = (await kernelLines(/Aborting journal|Remounting filesystem read-only/)).filter((l) => !/Buffer I\/O/.test(l));
+      assert.deepEqual(aborted, [], "no journal aborted");
+      note("the full volume takes writes again after rm + fstrim, without a remount");
+    });
+
+    test("with the host filled from outside, creates are refused naming the host's free space; freeing the host lets them through", async () => {
+      // Use most of the reservation, so the pool is below its headroom and needs the host.
+      const u0 = await d.pool.usage();
+      const spare = u0.dataTotalBytes > 0 ? (u0.hostReservedBytes ?? 0) - u0.dataUsedBytes - 400 * MiB : 0;
+      if (spare > 0) {
+        await writeFile(join(aMnt, "use"), Buffer.alloc(Math.floor(spare / MiB) * MiB, 5));
+        await real.run("sync", ["-f", aMnt]);
+      }
+      const outside = join(hostDir, "outside");
+      const free = await hostFree();
+      await real.run("fallocate", ["--length", String(Math.max(MiB, free - 8 * MiB)), outside]);
+      await assert.rejects(d.pool.create("refused", 64 * MiB), (err: Error) => {
+        note(`create refused: ${err.message}`);
+        assert.match(err.message, /host filesystem under .* has only .* free/);
+        return true;
+      });
+      const u = await d.pool.usage();
+      note(`with the host full: reserved ${Math.round((u.hostReservedBytes ?? 0) / MiB)} MiB, host free ${Math.round((u.hostFreeBytes ?? 0) / MiB)} MiB`);
+      assert.ok((u.hostFreeBytes ?? Infinity) < 16 * MiB);
+      await rm(outside);
+      // The host is back at the pool's floor: the pool grows again only once its own data shrinks.
+      await rm(join(aMnt, "use"), { force: true });
+      await real.run("sync", ["-f", aMnt]);
+      await real.run("fstrim", [aMnt]);
+      await d.pool.create("later", 64 * MiB);
+      assert.ok((await d.pool.list()).includes("later"));
+      for (const mnt of [aMnt, bMnt]) await unmount(real, mnt);
+      for (const v of ["a", "b"]) {
+        const fsck = await real.run("e2fsck", ["-f", "-n", `/dev/mapper/${P.name}-${v}`], { okExitCodes: [1, 2, 4, 8] });
+        assert.equal(fsck.exitCode, 0, `${v} is a clean filesystem: ${fsck.stdout}`);
+      }
+      for (const v of await d.pool.list()) {
+        await d.pool.deactivate(v);
+        await d.pool.remove(v);
+      }
+      await P.assertConsistent();
+    });
+  });
+
   // ------------------------------------------------------------------ 4. clones under write load
   describe("a clone of a mounted filesystem under write load", () => {
     const P = new PoolUnderTest(`${PREFIX}-load`, 2 * GiB);
@@ -701,6 +895,7 @@ describe("dm-thin specifics on a real kernel", () => {
 
     after(async () => {
       await d.pool.close();
+      await P.discard();
     });
   });
 
