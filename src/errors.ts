@@ -29,6 +29,11 @@ export class NoSpaceError extends ThinvolError {
   override name = "NoSpaceError";
 }
 
+/** Another thinvol process holds STATE_DIR; this one must not touch the pool. */
+export class StateDirTakenError extends ThinvolError {
+  override name = "StateDirTakenError";
+}
+
 /** A system command failed; the message carries the command and its stderr. */
 export class CommandError extends ThinvolError {
   override name = "CommandError";

@@ -1,11 +1,12 @@
 import { join } from "node:path";
 import { createApp } from "./api/app.js";
-import { ThinvolError, errorMessage } from "./errors.js";
+import { StateDirTakenError, ThinvolError, errorMessage } from "./errors.js";
 import { createLogger } from "./log.js";
 import { selectPool } from "./pool/select.js";
 import type { Pool } from "./pool/types.js";
 import { closeServer, listenOnSocket } from "./server.js";
 import { SettingsError, loadSettings } from "./settings.js";
+import { claimStateDir } from "./system/flock.js";
 import { ExecaRunner } from "./system/runner.js";
 import { DeferredVolumeService } from "./volumes/deferred.js";
 import { VolumeManager } from "./volumes/manager.js";
@@ -50,6 +51,8 @@ async function main(): Promise<void> {
 
   try {
     const started = performance.now();
+    // Before anything touches the pool: two instances on one STATE_DIR would corrupt it.
+    await claimStateDir(runner, settings.STATE_DIR);
     pool = await selectPool({
       runner,
       stateDir: settings.STATE_DIR,
@@ -75,7 +78,8 @@ async function main(): Promise<void> {
     log.info("ready", { driver: pool.driver, stateDir: settings.STATE_DIR, mountDir: settings.MOUNT_DIR, ms: Math.round(performance.now() - started) });
   } catch (err) {
     // Keep serving so that Docker shows the reason on every call instead of a dead socket.
-    const reason = new ThinvolError(`thinvol could not start its pool: ${errorMessage(err)}`, { cause: err });
+    const reason =
+      err instanceof StateDirTakenError ? err : new ThinvolError(`thinvol could not start its pool: ${errorMessage(err)}`, { cause: err });
     log.error("start-up failed", { error: errorMessage(err) });
     service.fail(reason);
   }

@@ -10,6 +10,11 @@ export interface RunOptions {
   input?: string;
   /** Extra environment variables. */
   env?: Readonly<Record<string, string>>;
+  /**
+   * Open file descriptors the command inherits as its descriptors 3, 4, ... (in order), for
+   * tools that act on an open file description the caller keeps, such as `flock`.
+   */
+  inheritFds?: readonly number[];
 }
 
 export interface RunResult {
@@ -39,11 +44,15 @@ export class ExecaRunner implements Runner {
 
   async run(command: string, args: readonly string[], options: RunOptions = {}): Promise<RunResult> {
     const timeout = options.timeoutMs ?? this.defaultTimeoutMs;
+    // execa's types name only descriptors 3-9, but it hands any number to child_process.spawn.
+    const fds = (options.inheritFds ?? []) as readonly 3[];
     const result = await execa(command, args, {
       reject: false,
       timeout,
       stripFinalNewline: true,
-      ...(options.input !== undefined ? { input: options.input } : { stdin: "ignore" as const }),
+      ...(options.input !== undefined ? { input: options.input } : {}),
+      // Descriptors 0-2 as before; any inherited ones follow as 3, 4, ...
+      stdio: [options.input !== undefined ? "pipe" : "ignore", "pipe", "pipe", ...fds],
       env: { LC_ALL: "C", DM_DISABLE_UDEV: "1", ...options.env },
     });
     const exitCode = result.exitCode ?? -1;
