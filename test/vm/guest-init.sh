@@ -48,16 +48,17 @@ done
 
 # --- kernel modules --------------------------------------------------------------------------
 # The overlay root shows /lib/modules/<ver> of Debian's linux-image package, modules.dep
-# included, so plain modprobe works. Storage first: dm-thin, loop and the filesystems the
-# pool drivers use. Then what dockerd wants for bridge networking and NAT (tests may still
-# run dockerd with --iptables=false --bridge=none). The two groups load in parallel (two
-# vCPUs); one modprobe -a per group so a missing optional module does not stop the rest.
+# included, so plain modprobe works. Storage first: dm-thin, loop, the filesystems the pool
+# drivers use and virtio_blk (vm.sh's VM_DISK). Then what dockerd wants for bridge
+# networking and NAT (tests may still run dockerd with --iptables=false --bridge=none). The
+# two groups load in parallel (two vCPUs); one modprobe -a per group so a missing optional
+# module does not stop the rest.
 kver=$(</proc/sys/kernel/osrelease)
 if [[ ! -f /lib/modules/$kver/modules.dep ]]; then
   log "no /lib/modules/$kver/modules.dep; running depmod"
   depmod "$kver"
 fi
-modprobe -a dm_mod dm_thin_pool dm_snapshot dm_bufio dm_persistent_data loop ext4 xfs overlay \
+modprobe -a dm_mod dm_thin_pool dm_snapshot dm_bufio dm_persistent_data loop ext4 xfs overlay virtio_blk \
   >"$console" 2>&1 &
 storage=$!
 modprobe -a bridge br_netfilter veth nf_nat nf_conntrack ip_tables iptable_nat iptable_filter \

@@ -7,7 +7,12 @@
 #   bash test/vm/vm.sh <command> [args...]
 #
 # The command's stdout+stderr stream live to vm.sh's stdout; vm.sh exits with the command's
-# exit status (124 on timeout, 125 if the VM never reported one). See test/vm/README.md.
+# exit status (124 on timeout, 125 if the VM never reported one, 137 after a power cut).
+# See test/vm/README.md.
+#
+# Power cuts: VM_DISK=<raw file> adds a persistent disk (/dev/vda in the VM) that outlives
+# the VM, and SIGUSR1 to vm.sh pulls the plug: qemu gets SIGKILL at once, the guest has no
+# chance to shut down, and whatever the guest had flushed to the disk is in the file.
 #
 # How it works:
 #   host /  --9p, read-only-->  VM lower dir --overlay (upper = tmpfs)-->  VM /
@@ -36,6 +41,12 @@
 #                        /lib/modules/<ver>)
 #   VM_CACHE_DIR=<repo>/.cache/vm       initramfs, logs, per-run job files
 #   VM_DEBUG=1           full kernel messages in the console log, console copied to stderr
+#   VM_DISK=<file>       raw disk image attached as virtio-blk /dev/vda (serial thinvol-disk);
+#                        created sparse if missing. Kept after the VM: boot again on it.
+#   VM_DISK_SIZE=4G      size of a VM_DISK that does not exist yet (truncate -s syntax)
+#   VM_DISK_CACHE=none   qemu cache mode of VM_DISK. With none (O_DIRECT) or writeback a
+#                        guest flush is an fdatasync of the file, and a SIGKILL of qemu loses
+#                        nothing qemu had written; unsafe (drops flushes) is refused.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -49,6 +60,9 @@ share=${VM_SHARE_DIR:-$cache/out}
 tmpfs_size=${VM_TMPFS_SIZE:-16G}
 accel=${VM_ACCEL:-tcg}
 debug=${VM_DEBUG:-}
+disk=${VM_DISK:-}
+disk_size=${VM_DISK_SIZE:-4G}
+disk_cache=${VM_DISK_CACHE:-none}
 
 die() {
   echo "vm.sh: $*" >&2
@@ -63,6 +77,16 @@ fi
 ((BASH_VERSINFO[0] > 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] >= 1))) || die "needs bash >= 5.1"
 [[ $timeout_s =~ ^[0-9]+$ ]] || die "VM_TIMEOUT must be a number of seconds, got '$timeout_s'"
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found; run: bash test/vm/setup.sh"
+case $disk_cache in
+  none | writeback | writethrough | directsync) ;;
+  *) die "VM_DISK_CACHE must be none, writeback, writethrough or directsync (a power-cut test needs flushes honoured), got '$disk_cache'" ;;
+esac
+if [[ -n $disk ]]; then
+  [[ $disk != *,* ]] || die "VM_DISK must not contain a comma (qemu -drive syntax): $disk"
+  mkdir -p "$(dirname "$disk")"
+  [[ -e $disk ]] || truncate -s "$disk_size" "$disk" || die "cannot create VM_DISK $disk"
+  [[ -f $disk && -w $disk ]] || die "VM_DISK $disk is not a writable regular file"
+fi
 
 mkdir -p "$cache/logs" "$cache/runs" "$share"
 cache=$(cd "$cache" && pwd)
@@ -210,7 +234,7 @@ fi
 } >"$job"
 
 # --- qemu ------------------------------------------------------------------------------------
-qemu_pid= cat_pid= timer_pid= tail_pid=
+qemu_pid= cat_pid= timer_pid= tail_pid= powercut=
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM HUP
@@ -238,6 +262,8 @@ trap cleanup EXIT
 trap 'echo "vm.sh: interrupted" >&2; exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
+# A power cut on request: no shutdown, no flush, exactly like pulling the plug.
+trap 'powercut=1; [[ -z $qemu_pid ]] || kill -KILL "$qemu_pid" 2>/dev/null || true' USR1
 
 # The command's output travels guest port -> qemu -> fifo -> cat -> our stdout. cat writes
 # through our own stdout descriptor, so pipes, ttys, files (offsets stay shared with the
@@ -291,11 +317,18 @@ qemu=(
   -device virtio-rng-pci
   -nic none
 )
+if [[ -n $disk ]]; then
+  qemu+=(
+    -drive "file=$disk,format=raw,if=none,id=pdisk,cache=$disk_cache,aio=threads,discard=unmap"
+    -device virtio-blk-pci,drive=pdisk,serial=thinvol-disk
+  )
+fi
 
 : >"$console_log"
 start=$(date +%s)
 "${qemu[@]}" </dev/null >"$qemu_log" 2>&1 &
 qemu_pid=$!
+[[ -z $powercut ]] || kill -KILL "$qemu_pid" 2>/dev/null || true
 # The timer is a plain sleep so that killing it leaves nothing behind.
 sleep "$timeout_s" &
 timer_pid=$!
@@ -305,8 +338,12 @@ if [[ -n $debug ]]; then
 fi
 
 finished=
-wait -n -p finished "$qemu_pid" "$timer_pid" || true
-if [[ $finished == "$timer_pid" ]]; then
+# A trapped signal (SIGUSR1) interrupts wait without a job having finished: wait again.
+while [[ -z ${finished:-} ]]; do
+  wait -n -p finished "$qemu_pid" "$timer_pid" && continue
+  (($? != 127)) || break
+done
+if [[ ${finished:-} == "$timer_pid" ]]; then
   timer_pid=
   echo "vm.sh: TIMEOUT: the VM ran longer than VM_TIMEOUT=${timeout_s}s and was killed" \
     "(console log: $console_log)" >&2
@@ -321,6 +358,11 @@ exec 8<>"$fifo"
 exec 8>&-
 wait "$cat_pid" 2>/dev/null || true
 cat_pid=
+
+if [[ -n $powercut ]]; then
+  echo "vm.sh: power cut: qemu killed with SIGKILL on request after $(($(date +%s) - start))s (console log: $console_log)" >&2
+  exit 137
+fi
 
 rc=$(tr -d '\r' <"$console_log" | grep -ao 'THINVOL-VM-EXIT=[0-9]*' | tail -n1 | cut -d= -f2 || true)
 if [[ -z $rc ]]; then
