@@ -386,6 +386,8 @@ export class VolumeManager implements VolumeService {
       status["allocatedBytes"] = allocated;
       const usage = await this.o.pool.usage();
       status["pool"] = describePool(usage);
+      status["poolUsedBytes"] = usage.dataUsedBytes;
+      status["poolSizeBytes"] = usage.dataTotalBytes;
       if (usage.hostReservedBytes !== undefined) status["hostReservedBytes"] = usage.hostReservedBytes;
       if (usage.hostFreeBytes !== undefined) status["hostFreeBytes"] = usage.hostFreeBytes;
     } catch (err) {
