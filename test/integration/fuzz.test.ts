@@ -14,9 +14,8 @@ import { after, before, describe, test } from "node:test";
 import { MAX_BODY_BYTES } from "../../src/api/app.js";
 import { QUOTE_MAX_CHARS } from "../../src/errors.js";
 import { tearDownPool } from "../support/kernel.js";
-import { callOk, startServer, stopServer, type ServerProcess } from "../support/plugin-client.js";
+import { BUNDLE, callOk, startServer, stopServer, serverEnv, type ServerProcess } from "../support/plugin-client.js";
 
-const bundle = join(import.meta.dirname, "..", "..", "dist", "thinvol.mjs");
 const SEED = Number(process.env["THINVOL_FUZZ_SEED"] ?? 7001);
 const REQUESTS = 3000;
 const MiB = 1024 ** 2;
@@ -279,14 +278,7 @@ describe("thinvol server under hostile requests", () => {
   before(async () => {
     dir = await mkdtemp(join(process.env["THINVOL_TEST_TMP"] ?? tmpdir(), "thinvol-fuzz-"));
     sock = join(dir, "thinvol.sock");
-    server = await startServer(bundle, {
-      SOCKET_PATH: sock,
-      STATE_DIR: join(dir, "state"),
-      MOUNT_DIR: join(dir, "volumes"),
-      POOL_DRIVER: "loop",
-      POOL_SIZE: "2G",
-      DEFAULT_SIZE: "64M",
-    });
+    server = await startServer(BUNDLE, serverEnv(dir, { MIN_FREE_SPACE: "10" }));
     baselineRss = await rssOf(server.child.pid ?? 0);
   });
 

@@ -12,9 +12,8 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { readMounts } from "../../src/system/mount.js";
 import { mountsUnder, tearDownPool } from "../support/kernel.js";
-import { callOk, callPlugin, startServer, stopServer, type ServerProcess } from "../support/plugin-client.js";
+import { BUNDLE, callOk, callPlugin, startServer, stopServer, serverEnv, type ServerProcess } from "../support/plugin-client.js";
 
-const bundle = join(import.meta.dirname, "..", "..", "dist", "thinvol.mjs");
 const MiB = 1024 ** 2;
 
 /** Writes `bytes` of non-zero data to `path` and fsyncs it; rejects with the first error the kernel reports. */
@@ -56,19 +55,8 @@ interface Plugin {
 }
 
 async function startPlugin(dir: string, extra: Record<string, string> = {}): Promise<Plugin> {
-  const sock = join(dir, "thinvol.sock");
-  const env = {
-    SOCKET_PATH: sock,
-    STATE_DIR: join(dir, "state"),
-    MOUNT_DIR: join(dir, "volumes"),
-    POOL_DRIVER: "loop",
-    POOL_SIZE: "3G",
-    DEFAULT_SIZE: "256M",
-    MIN_FREE_SPACE: "1",
-    LOG_LEVEL: "debug",
-    ...extra,
-  };
-  return { dir, sock, env, server: await startServer(bundle, env) };
+  const env = serverEnv(dir, { POOL_SIZE: "3G", DEFAULT_SIZE: "256M", MIN_FREE_SPACE: "1", LOG_LEVEL: "debug", ...extra });
+  return { dir, sock: env["SOCKET_PATH"] ?? "", env, server: await startServer(BUNDLE, env) };
 }
 
 async function stopPlugin(p: Plugin | undefined): Promise<void> {
@@ -169,7 +157,7 @@ describe("loop pool space on the host", () => {
     const stateFile = join(dir, "state", "pool-loop", "pool.json");
     const saved = await readFile(stateFile, "utf8");
     await unlink(stateFile);
-    const refused = await startServer(bundle, (await startPluginEnv(dir)).env).then(
+    const refused = await startServer(BUNDLE, serverEnv(dir, { POOL_SIZE: "3G" })).then(
       async (s) => {
         await stopServer(s);
         return "";
@@ -187,17 +175,6 @@ describe("loop pool space on the host", () => {
   });
 });
 
-async function startPluginEnv(dir: string): Promise<{ env: Record<string, string> }> {
-  return {
-    env: {
-      SOCKET_PATH: join(dir, "thinvol.sock"),
-      STATE_DIR: join(dir, "state"),
-      MOUNT_DIR: join(dir, "volumes"),
-      POOL_DRIVER: "loop",
-      POOL_SIZE: "3G",
-    },
-  };
-}
 
 describe("a full host disk under the loop pool", () => {
   let root: string;

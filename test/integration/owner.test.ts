@@ -10,13 +10,12 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { after, before, describe, test } from "node:test";
 import { loopDevicesUnder, tearDownPool } from "../support/kernel.js";
-import { callOk, callPlugin, startServer, stopServer, type ServerProcess } from "../support/plugin-client.js";
+import { BUNDLE, callOk, callPlugin, startServer, stopServer, serverEnv, type ServerProcess } from "../support/plugin-client.js";
 
-const bundle = join(import.meta.dirname, "..", "..", "dist", "thinvol.mjs");
 
 /** Starts the bundle and waits for it to give up on start-up (it keeps serving the error). */
 async function startRefused(env: Record<string, string>): Promise<ServerProcess> {
-  const child = spawn(process.execPath, [bundle], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, [BUNDLE], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
   let out = "";
   child.stdout.on("data", (d: Buffer) => (out += d.toString()));
   child.stderr.on("data", (d: Buffer) => (out += d.toString()));
@@ -44,14 +43,7 @@ describe("one thinvol instance per STATE_DIR", () => {
   before(async () => {
     dir = await mkdtemp(join(process.env["THINVOL_TEST_TMP"] ?? tmpdir(), "thinvol-owner-"));
     stateDir = join(dir, "state");
-    base = {
-      STATE_DIR: stateDir,
-      MOUNT_DIR: join(dir, "volumes"),
-      POOL_DRIVER: "loop",
-      POOL_SIZE: "1G",
-      DEFAULT_SIZE: "64M",
-      MIN_FREE_SPACE: "5",
-    };
+    base = serverEnv(dir, { POOL_SIZE: "1G" });
   });
 
   after(async () => {
@@ -61,7 +53,7 @@ describe("one thinvol instance per STATE_DIR", () => {
   });
 
   test("a second instance refuses the pool, names the directory on every call and touches nothing; after kill -9 of the first a new one serves its volumes", async () => {
-    const first = await startServer(bundle, { ...base, SOCKET_PATH: join(dir, "first.sock") });
+    const first = await startServer(BUNDLE, { ...base, SOCKET_PATH: join(dir, "first.sock") });
     servers.push(first);
     const firstSock = join(dir, "first.sock");
     await callOk(firstSock, "VolumeDriver.Create", { Name: "kept", Opts: null });
@@ -96,7 +88,7 @@ describe("one thinvol instance per STATE_DIR", () => {
     // The kernel drops the lock with the process, however it ends.
     await stopServer(first, "SIGKILL");
     const thirdSock = join(dir, "third.sock");
-    const third = await startServer(bundle, { ...base, SOCKET_PATH: thirdSock });
+    const third = await startServer(BUNDLE, { ...base, SOCKET_PATH: thirdSock });
     servers.push(third);
     assert.deepEqual(await names(thirdSock), ["kept"]);
     await callOk(thirdSock, "VolumeDriver.Unmount", { Name: "kept", ID: "c1" });

@@ -11,9 +11,8 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { readMounts } from "../../src/system/mount.js";
 import { mountsUnder, tearDownPool } from "../support/kernel.js";
-import { callOk, callPlugin, startServer, stopServer, type ServerProcess } from "../support/plugin-client.js";
+import { BUNDLE, callOk, callPlugin, startServer, stopServer, serverEnv, type ServerProcess } from "../support/plugin-client.js";
 
-const bundle = join(import.meta.dirname, "..", "..", "dist", "thinvol.mjs");
 const MiB = 1024 ** 2;
 
 describe("thinvol server: failures leave volumes whole (loop pool)", () => {
@@ -30,23 +29,15 @@ describe("thinvol server: failures leave volumes whole (loop pool)", () => {
   const isMounted = async (path: string) => (await readMounts()).some((m) => m.mountPoint === path);
   const restart = async (signal: NodeJS.Signals = "SIGTERM") => {
     await stopServer(server, signal);
-    server = await startServer(bundle, env);
+    server = await startServer(BUNDLE, env);
   };
   const sha256 = async (path: string) => createHash("sha256").update(await readFile(path)).digest("hex");
 
   before(async () => {
     dir = await mkdtemp(join(process.env["THINVOL_TEST_TMP"] ?? tmpdir(), "thinvol-safety-"));
     sock = join(dir, "thinvol.sock");
-    env = {
-      SOCKET_PATH: sock,
-      STATE_DIR: join(dir, "state"),
-      MOUNT_DIR: join(dir, "volumes"),
-      POOL_DRIVER: "loop",
-      POOL_SIZE: "2G",
-      DEFAULT_SIZE: "64M",
-      MIN_FREE_SPACE: "5",
-    };
-    server = await startServer(bundle, env);
+    env = serverEnv(dir);
+    server = await startServer(BUNDLE, env);
   });
 
   after(async () => {

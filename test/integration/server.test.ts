@@ -11,9 +11,8 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { readMounts } from "../../src/system/mount.js";
 import { dmDevicesNamed, loopDevicesUnder, mountsUnder, tearDownPool } from "../support/kernel.js";
-import { callOk, callPlugin, startServer, stopServer, type ServerProcess } from "../support/plugin-client.js";
+import { BUNDLE, callOk, callPlugin, startServer, stopServer, serverEnv, type ServerProcess } from "../support/plugin-client.js";
 
-const bundle = join(import.meta.dirname, "..", "..", "dist", "thinvol.mjs");
 const MiB = 1024 ** 2;
 /** loop here; the VM tier (and a host with dm-thin) runs the same tests with dm-thin. */
 const driver = process.env["THINVOL_TEST_POOL_DRIVER"] === "dm-thin" ? "dm-thin" : "loop";
@@ -38,16 +37,8 @@ describe(`thinvol server with the ${driver} pool`, () => {
   before(async () => {
     dir = await mkdtemp(join(process.env["THINVOL_TEST_TMP"] ?? tmpdir(), "thinvol-server-"));
     sock = join(dir, "thinvol.sock");
-    env = {
-      SOCKET_PATH: sock,
-      STATE_DIR: join(dir, "state"),
-      MOUNT_DIR: join(dir, "volumes"),
-      POOL_DRIVER: driver,
-      POOL_SIZE: "3G",
-      DEFAULT_SIZE: "64M",
-      MIN_FREE_SPACE: "5",
-    };
-    server = await startServer(bundle, env);
+    env = serverEnv(dir, { POOL_DRIVER: driver, POOL_SIZE: "3G" });
+    server = await startServer(BUNDLE, env);
   });
 
   after(async () => {
@@ -180,12 +171,12 @@ describe(`thinvol server with the ${driver} pool`, () => {
     await writeFile(join(mp, "f"), "before restart");
 
     assert.equal(await stopServer(server, "SIGTERM"), 0);
-    server = await startServer(bundle, env);
+    server = await startServer(BUNDLE, env);
     assert.ok(await isMounted(mp), "a running container's volume stays mounted across a plugin restart");
     assert.equal(await readFile(join(mp, "f"), "utf8"), "before restart");
 
     await stopServer(server, "SIGKILL");
-    server = await startServer(bundle, env);
+    server = await startServer(BUNDLE, env);
     assert.ok(await isMounted(mp));
     assert.deepEqual((await callOk(sock, "VolumeDriver.Path", { Name: "durable" }))["Mountpoint"], mp);
     await unmount("durable", "c1");
@@ -202,7 +193,7 @@ describe(`thinvol server with the ${driver} pool`, () => {
     const mp = await mount("frozen", "c1");
     execFileSync("fsfreeze", ["--freeze", mp]);
     await stopServer(server, "SIGKILL");
-    server = await startServer(bundle, env);
+    server = await startServer(BUNDLE, env);
     await writeFile(join(mp, "after"), "writable again"); // would block for ever on a frozen filesystem
     assert.match(server.output(), /thawed a filesystem left frozen by an interrupted clone volume=frozen/);
     await unmount("frozen", "c1");
@@ -216,7 +207,7 @@ describe(`thinvol server with the ${driver} pool`, () => {
     await tearDownPool(dir, driver === "dm-thin" ? DM_PREFIX : undefined);
     assert.deepEqual(await loopDevicesUnder(dir), []);
     assert.deepEqual(await dmDevicesNamed(DM_PREFIX), []);
-    server = await startServer(bundle, env);
+    server = await startServer(BUNDLE, env);
     assert.equal((await callOk(sock, "VolumeDriver.Path", { Name: "keep" }))["Mountpoint"], undefined);
     const again = await mount("keep", "c-after");
     assert.equal(again, mp);
@@ -266,7 +257,7 @@ describe(`thinvol server with the ${driver} pool`, () => {
     assert.deepEqual(await dmDevicesNamed(DM_PREFIX), []);
     assert.deepEqual(await mountsUnder(dir), []);
     // And the next start sets it up again.
-    server = await startServer(bundle, env);
+    server = await startServer(BUNDLE, env);
     await create("after-stop");
     const mp = await mount("after-stop", "c1");
     await writeFile(join(mp, "f"), "ok");

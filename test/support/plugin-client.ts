@@ -1,7 +1,28 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { request } from "node:http";
 import { once } from "node:events";
+import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+
+/** The server bundle the integration tests run (npm run build writes it). */
+export const BUNDLE = join(import.meta.dirname, "..", "..", "dist", "thinvol.mjs");
+
+/**
+ * Settings for a test server whose socket, pool and mounts all lie under `dir`: the loop
+ * pool, 2 GiB, 64 MiB volumes by default; `overrides` replace any of them.
+ */
+export function serverEnv(dir: string, overrides: Record<string, string> = {}): Record<string, string> {
+  return {
+    SOCKET_PATH: join(dir, "thinvol.sock"),
+    STATE_DIR: join(dir, "state"),
+    MOUNT_DIR: join(dir, "volumes"),
+    POOL_DRIVER: "loop",
+    POOL_SIZE: "2G",
+    DEFAULT_SIZE: "64M",
+    MIN_FREE_SPACE: "5",
+    ...overrides,
+  };
+}
 
 export interface Reply {
   status: number;
