@@ -15,6 +15,7 @@ import { MAX_BODY_BYTES } from "../../src/api/app.js";
 import { QUOTE_MAX_CHARS } from "../../src/errors.js";
 import { tearDownPool } from "../support/kernel.js";
 import { BUNDLE, callOk, startServer, stopServer, serverEnv, type ServerProcess } from "../support/plugin-client.js";
+import { MAX_ERR_CHARS, UNPRINTABLE, prng, quotesPastCap, type Rng } from "../support/hostile.js";
 
 const SEED = Number(process.env["THINVOL_FUZZ_SEED"] ?? 7001);
 const REQUESTS = 3000;
@@ -22,24 +23,7 @@ const MiB = 1024 ** 2;
 const LIMIT = MAX_BODY_BYTES;
 const MAX_RSS_BYTES = 200 * MiB;
 const QUOTE_MAX = QUOTE_MAX_CHARS;
-/** Long enough for every message thinvol writes with a handful of quoted inputs in it. */
-const MAX_ERR_CHARS = 1200;
-const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e]/;
 
-function prng(seed: number) {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const int = (n: number) => Math.floor(next() * n);
-  const pick = <T>(items: readonly T[]): T => items[int(items.length)] as T;
-  return { next, int, pick };
-}
-type Rng = ReturnType<typeof prng>;
 
 interface Hostile {
   method: string;
@@ -215,15 +199,6 @@ function sendRaw(sock: string, bytes: string | Buffer): Promise<string> {
   });
 }
 
-function quotesPastCap(text: string, input: string): boolean {
-  const chars = Array.from(input);
-  if (chars.length <= QUOTE_MAX) return false;
-  for (const start of new Set([0, chars.length - QUOTE_MAX - 1])) {
-    const run = chars.slice(start, start + QUOTE_MAX + 1).join("");
-    if (text.includes(run) || text.includes(JSON.stringify(run).slice(1, -1))) return true;
-  }
-  return false;
-}
 
 function checkAnswer(where: string, h: Pick<Hostile, "method" | "strings">, a: Answer): void {
   let body: Record<string, unknown>;

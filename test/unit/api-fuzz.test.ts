@@ -11,28 +11,12 @@ import { NotFoundError, QUOTE_MAX_CHARS } from "../../src/errors.js";
 import { createLogger } from "../../src/log.js";
 import { checkVolumeName, parseCreateOptions } from "../../src/volumes/options.js";
 import type { VolumeInfo, VolumeService, VolumeSummary } from "../../src/volumes/types.js";
+import { MAX_ERR_CHARS, UNPRINTABLE, prng, quotesPastCap, type Rng } from "../support/hostile.js";
 
 const SEED = Number(process.env["THINVOL_FUZZ_SEED"] ?? 20261125);
 const REQUESTS = 5000;
-/** Long enough for every message thinvol writes with a handful of quoted inputs in it. */
-const MAX_ERR_CHARS = 1200;
 const MAX_LOG_LINE_CHARS = 3000;
 
-/** mulberry32: small, fast and the same on every machine. */
-function prng(seed: number) {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const int = (n: number) => Math.floor(next() * n);
-  const pick = <T>(items: readonly T[]): T => items[int(items.length)] as T;
-  return { next, int, pick };
-}
-type Rng = ReturnType<typeof prng>;
 
 /** Records what the protocol layer asks for, and every request it should never have passed on. */
 class RecordingVolumes implements VolumeService {
@@ -256,17 +240,7 @@ function isSuccessShape(method: string, body: Record<string, unknown>): boolean 
 }
 
 /** Whether `text` holds more than the cap of consecutive characters of `input`, raw or JSON-escaped. */
-function quotesPastCap(text: string, input: string): boolean {
-  const chars = Array.from(input);
-  if (chars.length <= QUOTE_MAX_CHARS) return false;
-  for (const start of new Set([0, chars.length - QUOTE_MAX_CHARS - 1])) {
-    const run = chars.slice(start, start + QUOTE_MAX_CHARS + 1).join("");
-    if (text.includes(run) || text.includes(JSON.stringify(run).slice(1, -1))) return true;
-  }
-  return false;
-}
 
-const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e]/;
 
 test(`${REQUESTS} hostile requests: each gets the right reply shape or a short {Err}, and nothing invalid reaches the volume layer`, async () => {
   const r = prng(SEED);
