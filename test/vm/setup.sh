@@ -16,6 +16,9 @@
 #   dmsetup, util-linux, e2fsprogs, xfsprogs, iproute2
 #                            the block-device tools the plugin drives
 #   docker.io                dockerd/containerd/runc, started inside the VM by e2e tests
+#   apparmor                 apparmor_parser: Debian's kernel has AppArmor on, and dockerd in
+#                            the VM loads its container profile with it (as on Debian and
+#                            Ubuntu hosts) or refuses to start containers
 set -euo pipefail
 
 packages=(
@@ -30,6 +33,7 @@ packages=(
   xfsprogs
   iproute2
   docker.io
+  apparmor
 )
 
 if [[ $(id -u) -ne 0 ]]; then
