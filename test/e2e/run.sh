@@ -32,6 +32,7 @@ export E2E_PLUGIN=${E2E_PLUGIN:-thinvol-e2e}
 # mount's destination being /var/lib/docker-plugins; on the host that is:
 export E2E_STATE_DIR="$E2E_DATA_ROOT/plugins/thinvol"
 export E2E_ENGINE_SCRIPT="$repo_root/test/e2e/engine.sh"
+E2E_TAP="$E2E_EXEC_ROOT/scenarios.tap"
 
 cleanup() {
   local rc=$?
@@ -68,10 +69,15 @@ run_scenarios() {
   local status=0
   local -a files
   read -r -a files <<<"${E2E_TESTS:-$(echo test/e2e/*.test.ts)}"
-  node --import tsx --test --test-concurrency=1 --test-reporter=spec \
+  # The TAP copy keeps what spec leaves out when a scenario file dies: its exit code, the
+  # signal that ended it, and its stderr.
+  node --import tsx --test --test-concurrency=1 --test-reporter=spec --test-reporter-destination=stdout \
+    --test-reporter=tap --test-reporter-destination="$E2E_TAP" \
     --test-timeout="${E2E_TEST_TIMEOUT_MS:-300000}" "$@" "${files[@]}" || status=$?
   if ((status != 0)); then
-    log "scenarios failed with the $E2E_POOL_DRIVER pool; the last lines of the engine's log (plugin output included):"
+    log "scenarios failed with the $E2E_POOL_DRIVER pool; what the test runner recorded of each failure:"
+    grep -E -A14 '^not ok' "$E2E_TAP" | grep -E "^not ok|exitCode|signal|error|stderr|^    [^ ]" >&2 || true
+    log "the last lines of the engine's log (plugin output included):"
     tail -n 60 "$E2E_LOG" >&2 || true
   fi
   return "$status"
