@@ -189,8 +189,10 @@ export class HostReserve {
       if (!(await this.poolMounted())) throw new ThinvolError(`the loop pool is not mounted at ${this.o.mnt}`);
       const free = await this.poolFree();
       const balloon = (await this.balloonSize()) ?? 0;
-      if (free < this.headroom - slack && balloon > 0) await this.back(free, balloon);
-      else if (free > this.headroom + slack) await this.release(free, balloon);
+      // The reserve moves in whole MiB: less than that is not worth a command.
+      const band = Math.max(slack, MiB);
+      if (free < this.headroom - band && balloon > 0) await this.back(free, balloon);
+      else if (free > this.headroom + band) await this.release(free, balloon);
       return this.poolFree();
     });
   }
