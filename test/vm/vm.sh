@@ -34,7 +34,9 @@
 #                        always pass)
 #   VM_TMPFS_SIZE=16G    size limit of the tmpfs behind the overlay root and of /tmp
 #                        (RAM-backed; only used space costs memory)
-#   VM_CPU=max           qemu -cpu model
+#   VM_CPU=Nehalem       qemu -cpu model. Not "max": it offers AVX and AVX2, whose software
+#                        emulation in Debian 12's QEMU 7.2 crashed node in the VM (SIGSEGV)
+#                        now and then; Nehalem is x86-64-v2, all that Node needs.
 #   VM_ACCEL=tcg         qemu accelerator; KVM exists on the dev machine but hangs, so TCG is
 #                        the default. Set VM_ACCEL=kvm where KVM is known to work.
 #   VM_KERNEL=<ver>      kernel version to boot (default: newest /boot/vmlinuz-* that has
@@ -299,7 +301,7 @@ qemu=(
   qemu-system-x86_64
   -accel "$accel"
   -machine pc
-  -cpu "${VM_CPU:-max}"
+  -cpu "${VM_CPU:-Nehalem}"
   -smp "$cpus"
   -m "$memory"
   -nographic -nodefaults -no-user-config   # no display, no default devices, no monitor
