@@ -1,4 +1,4 @@
-import { stat, statfs, truncate } from "node:fs/promises";
+import { rm, stat, statfs, truncate } from "node:fs/promises";
 import { dirname } from "node:path";
 import { ThinvolError, errorMessage } from "../errors.js";
 import { KeyedLock } from "../locks.js";
@@ -133,12 +133,41 @@ export class HostReserve {
       this.poolDev = here.dev;
       if ((await this.balloonSize()) === undefined) {
         await this.inflate(0, roundDown((await this.poolFree()) - BALLOON_MARGIN, MiB), "the pool's free space");
+        await this.backAllFree();
         this.o.log.info("host space reserve set up: free pool space is backed on the host only as volumes need it", { file: this.o.poolFile });
       } else {
         await this.punchStrayBalloonBlocks();
       }
     });
     await this.rebalance();
+  }
+
+  /**
+   * Backs on the host whatever free pool space the balloon left (its margin): a scratch file
+   * takes all of it, its extents are allocated on the host, and it is deleted. The pool has
+   * no discard, so those blocks stay backed.
+   */
+  private async backAllFree(): Promise<void> {
+    const scratch = `${this.o.balloon}.scratch`;
+    let size = roundDown(await this.poolFree(), MiB);
+    try {
+      while (size >= MiB) {
+        try {
+          await allocateFileRange(this.o.runner, scratch, { offset: 0, length: size });
+          break;
+        } catch {
+          await truncate(scratch, 0).catch(() => undefined);
+          size = roundDown(size / 2, MiB);
+        }
+      }
+      if (size < MiB) return;
+      for (const e of await fileExtents(this.o.runner, scratch, { offset: 0, length: size })) {
+        await allocateRange(this.o.runner, this.o.poolFile, { offset: e.deviceOffset, length: e.length });
+      }
+    } finally {
+      await truncate(scratch, 0).catch(() => undefined);
+      await rm(scratch, { force: true });
+    }
   }
 
   /** After the pool's filesystem grew: the balloon takes the new space, which the host has not backed. */
