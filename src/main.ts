@@ -75,7 +75,13 @@ async function main(): Promise<void> {
     });
     await manager.recover();
     service.serve(manager);
-    log.info("ready", { driver: pool.driver, stateDir: settings.STATE_DIR, mountDir: settings.MOUNT_DIR, ms: Math.round(performance.now() - started) });
+    log.info("ready", {
+      driver: pool.driver,
+      stateDir: settings.STATE_DIR,
+      mountDir: settings.MOUNT_DIR,
+      ms: Math.round(performance.now() - started),
+      processes: runner.started,
+    });
   } catch (err) {
     // Keep serving so that Docker shows the reason on every call instead of a dead socket.
     const reason =

@@ -797,6 +797,11 @@ export class DmThinPool implements Pool {
     return [...this.open_.volumes.keys()].sort();
   }
 
+  async attached(): Promise<Set<string>> {
+    const devices = await listDevices(this.runner);
+    return new Set([...this.open_.volumes.keys()].filter((name) => devices.has(this.deviceName(name))));
+  }
+
   async sizeOf(name: string): Promise<number> {
     return this.volume(name).sizeBytes;
   }

@@ -6,7 +6,7 @@ import type { Logger } from "../log.js";
 import { formatSize } from "../size.js";
 import { fsyncPath, readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
 import { freezeFilesystem, thawFilesystem } from "../system/filesystem.js";
-import { attachOrReuseLoop, detachLoop, detachLoopsOf, loopsOf, refreshLoopSize } from "../system/losetup.js";
+import { attachDirectLoop, attachOrReuseLoop, detachLoop, detachLoopsOf, listLoops, loopsByPath, loopsOf, refreshLoopSize } from "../system/losetup.js";
 import { mountDevice, readMounts, unmount } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
 import { HostReserve } from "./loop-reserve.js";
@@ -187,12 +187,9 @@ export class LoopPool implements Pool {
     this.reserve.stopWatching();
     // An idle pool is taken down, so a disabled or removed plugin leaves no device on the
     // host; the next open() sets it up again. Attached volumes keep it up.
-    const images = (await this.list()).map((n) => this.image(n));
-    for (const image of images) {
-      if ((await loopsOf(this.o.runner, image)).length > 0) {
-        this.o.log.info("loop pool left up: volumes are attached", { file: this.poolFile });
-        return;
-      }
+    if ((await this.isPoolMounted()) && (await this.attached()).size > 0) {
+      this.o.log.info("loop pool left up: volumes are attached", { file: this.poolFile });
+      return;
     }
     if (await this.isPoolMounted()) await unmount(this.o.runner, this.mnt);
     for (const dev of await loopsOf(this.o.runner, this.poolFile)) await detachLoop(this.o.runner, dev);
@@ -257,9 +254,21 @@ export class LoopPool implements Pool {
     return (await stat(this.image(name))).size;
   }
 
+  /** Mount's path: one process (losetup), or none when the device is already there. */
   async activate(name: string): Promise<string> {
     const image = this.image(name);
-    return attachOrReuseLoop(this.o.runner, image, this.o.log, { sectorSize: await sectorSizeForImage(image) });
+    const [existing] = await loopsByPath(image);
+    if (existing !== undefined) return existing;
+    return attachDirectLoop(this.o.runner, image, this.o.log, { sectorSize: await sectorSizeForImage(image) });
+  }
+
+  async attached(): Promise<Set<string>> {
+    const poolFs = (await readMounts()).find((m) => m.mountPoint === this.mnt)?.device;
+    const inodes = new Set((await listLoops(this.o.runner)).filter((l) => l.fsDevice === poolFs).map((l) => l.inode));
+    if (inodes.size === 0) return new Set();
+    const names = await this.list();
+    const held = await Promise.all(names.map(async (n) => inodes.has((await stat(this.image(n))).ino)));
+    return new Set(names.filter((_, i) => held[i]));
   }
 
   async deactivate(name: string): Promise<void> {

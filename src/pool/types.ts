@@ -50,6 +50,11 @@ export interface Pool {
   sizeOf(name: string): Promise<number>;
   /** Makes the volume's block device available and returns its path. Idempotent. */
   activate(name: string): Promise<string>;
+  /**
+   * Names of the volumes whose block device exists now, found for the whole pool at once
+   * (start-up calls it instead of asking volume by volume).
+   */
+  attached(): Promise<Set<string>>;
   /** Takes the block device away; the data stays. Idempotent; the device must not be mounted. */
   deactivate(name: string): Promise<void>;
   /** Returns the volume's space to the pool and forgets it. Idempotent: an absent volume is fine. */

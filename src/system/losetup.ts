@@ -1,8 +1,9 @@
 import { errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
-import { readFile, realpath } from "node:fs/promises";
+import { readFile, readdir, realpath } from "node:fs/promises";
 import { basename } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import * as v from "valibot";
 import type { Runner } from "./runner.js";
 
 /** Attaches `file` to a free loop device and returns the device path. */
@@ -47,13 +48,20 @@ export async function refreshLoopSize(runner: Runner, device: string): Promise<v
 }
 
 /**
- * The loop device already backed by `file`, or a new one with direct I/O, so
- * blocks are not cached twice. A filesystem without O_DIRECT (tmpfs, for one)
- * refuses direct I/O: then the loop device is made without it.
+ * The loop device already backed by `file` (found by inode, so also one attached by an
+ * earlier instance of the plugin), or a new one (see attachDirectLoop).
  */
 export async function attachOrReuseLoop(runner: Runner, file: string, log: Logger, options: { sectorSize?: 512 | 4096 } = {}): Promise<string> {
   const existing = await loopsOf(runner, file);
   if (existing[0] !== undefined) return existing[0];
+  return attachDirectLoop(runner, file, log, options);
+}
+
+/**
+ * A new loop device with direct I/O, so blocks are not cached twice. A filesystem without
+ * O_DIRECT (tmpfs, for one) refuses direct I/O: then the loop device is made without it.
+ */
+export async function attachDirectLoop(runner: Runner, file: string, log: Logger, options: { sectorSize?: 512 | 4096 } = {}): Promise<string> {
   try {
     return await attachLoop(runner, file, { ...options, directIo: true });
   } catch (err) {
@@ -62,22 +70,63 @@ export async function attachOrReuseLoop(runner: Runner, file: string, log: Logge
   }
 }
 
+const SYS_BLOCK = "/sys/block";
+
+/**
+ * The loop devices bound to `file` by its path, read from sysfs: no process is started,
+ * so this serves Mount and Unmount. A device attached by a plugin instance whose mount
+ * namespace is gone may show another path; losetup's lookup by inode (loopsOf) finds it.
+ */
+export async function loopsByPath(file: string): Promise<string[]> {
+  const path = await realpath(file);
+  const names = (await readdir(SYS_BLOCK)).filter((n) => n.startsWith("loop"));
+  const bound = await Promise.all(names.map(async (n) => ((await backingFile(n)) === path ? `/dev/${n}` : undefined)));
+  return bound.filter((d): d is string => d !== undefined).sort();
+}
+
+export interface AttachedLoop {
+  device: string;
+  /** The backing file's inode and its filesystem's device (major:minor). */
+  inode: number;
+  fsDevice: string;
+}
+
+const LoopListSchema = v.object({
+  loopdevices: v.array(
+    v.object({
+      name: v.string(),
+      "back-ino": v.union([v.number(), v.pipe(v.string(), v.transform(Number))]),
+      "back-maj:min": v.string(),
+    }),
+  ),
+});
+
+/** Every attached loop device with its backing file's identity: one process for all. */
+export async function listLoops(runner: Runner): Promise<AttachedLoop[]> {
+  const { stdout } = await runner.run("losetup", ["--list", "--json", "--output", "NAME,BACK-INO,BACK-MAJ:MIN"]);
+  if (stdout.trim() === "") return [];
+  const parsed = v.parse(LoopListSchema, JSON.parse(stdout));
+  return parsed.loopdevices.map((d) => ({ device: d.name, inode: d["back-ino"], fsDevice: d["back-maj:min"].trim() }));
+}
+
 /** The file a loop device is bound to, from sysfs (no process started); undefined when unbound. */
 async function backingFile(device: string): Promise<string | undefined> {
   try {
-    return (await readFile(`/sys/block/${basename(device)}/loop/backing_file`, "utf8")).trim();
+    return (await readFile(`${SYS_BLOCK}/${basename(device)}/loop/backing_file`, "utf8")).trim();
   } catch {
     return undefined;
   }
 }
 
 /**
- * Detaches every loop device of `file` and waits until the kernel has really let go of
- * it (which happens a moment after the detach, longer on a busy machine). Resolves to
- * false if it still holds the file after `timeoutMs`.
+ * Detaches the loop devices of `file` (by default those found by path, else by inode) and
+ * waits until the kernel has really let go of it (which happens a moment after the
+ * detach, longer on a busy machine). Resolves to false if it still holds the file after
+ * `timeoutMs`.
  */
 export async function detachLoopsOf(runner: Runner, file: string, timeoutMs: number): Promise<boolean> {
-  const devices = await loopsOf(runner, file);
+  let devices = await loopsByPath(file);
+  if (devices.length === 0) devices = await loopsOf(runner, file);
   const path = await realpath(file);
   for (const dev of devices) await detachLoop(runner, dev);
   const deadline = Date.now() + timeoutMs;

@@ -40,9 +40,13 @@ export function formatCommand(command: string, args: readonly string[]): string 
 }
 
 export class ExecaRunner implements Runner {
+  /** Commands started so far: the start-up log reports it, so a cost per volume shows. */
+  started = 0;
+
   constructor(private readonly defaultTimeoutMs = DEFAULT_COMMAND_TIMEOUT_MS) {}
 
   async run(command: string, args: readonly string[], options: RunOptions = {}): Promise<RunResult> {
+    this.started++;
     const timeout = options.timeoutMs ?? this.defaultTimeoutMs;
     // execa's types name only descriptors 3-9, but it hands any number to child_process.spawn.
     const fds = (options.inheritFds ?? []) as readonly 3[];

@@ -423,9 +423,15 @@ export class VolumeManager implements VolumeService {
     await mkdir(this.o.mountDir, { recursive: true });
     const inPool = new Set(await this.o.pool.list());
     const names = await this.o.records.names();
+    // One look at the kernel for all volumes: start-up starts no process for an idle volume.
+    const view: KernelView = {
+      inPool,
+      mounted: new Set((await this.readMounts()).map((m) => m.mountPoint)),
+      attached: await this.o.pool.attached(),
+    };
     for (const name of names) {
       // One volume that cannot be recovered must not keep the others from being served.
-      await this.recoverOne(name, inPool).catch((err: unknown) => {
+      await this.recoverOne(name, view).catch((err: unknown) => {
         this.o.log.error("cannot recover volume; it is left as it is", { volume: name, error: errorMessage(err) });
       });
     }
@@ -437,7 +443,7 @@ export class VolumeManager implements VolumeService {
     }
   }
 
-  private async recoverOne(name: string, inPool: ReadonlySet<string>): Promise<void> {
+  private async recoverOne(name: string, view: KernelView): Promise<void> {
     await this.locks.with(name, async () => {
       const record = await this.o.records.get(name);
       if (!record) return;
@@ -457,22 +463,23 @@ export class VolumeManager implements VolumeService {
         // finishRemove has put the volume back if the pool still holds it; serve it as it is.
         if ((await this.o.records.get(name))?.state !== "ready") return;
       }
-      if (!inPool.has(name)) {
+      if (!view.inPool.has(name)) {
         this.o.log.error("volume has a record but no data in the pool", { volume: name, driver: this.o.pool.driver });
         return;
       }
       const refs = totalReferences(record);
-      const mounted = await this.isMounted(name);
+      const mounted = view.mounted.has(this.mountpointOf(name));
       if (mounted) await this.thawIfFrozen(name);
       if (refs > 0 && !mounted) {
         this.o.log.warn("dropping mount references whose mount is gone", { volume: name, references: refs });
         record.mounts = new Map();
         await this.o.records.save(record);
-        await this.o.pool.deactivate(name);
+        if (view.attached.has(name)) await this.o.pool.deactivate(name);
       } else if (refs === 0 && mounted) {
         this.o.log.warn("unmounting a volume that no container references", { volume: name });
         await this.teardown(name);
-      } else if (refs === 0) {
+      } else if (refs === 0 && view.attached.has(name)) {
+        this.o.log.info("detaching a volume that no container uses", { volume: name });
         await this.o.pool.deactivate(name);
       }
     });
@@ -487,6 +494,13 @@ export class VolumeManager implements VolumeService {
       // Not frozen: the usual case.
     }
   }
+}
+
+/** What the kernel held when start-up began. */
+interface KernelView {
+  inPool: ReadonlySet<string>;
+  mounted: ReadonlySet<string>;
+  attached: ReadonlySet<string>;
 }
 
 export function describePool(u: PoolUsage): string {

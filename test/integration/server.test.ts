@@ -216,6 +216,25 @@ describe(`thinvol server with the ${driver} pool`, () => {
     assert.equal(await isMounted(again), false, "the pre-reboot reference was dropped, not counted");
   });
 
+  test("start-up starts no process for an idle volume: 30 more volumes, about the same count", { timeout: 120_000 }, async () => {
+    const IDLE = 30;
+    const processesAtStart = () => {
+      const m = / ready .*processes=(\d+)/.exec(server.output());
+      assert.ok(m, `no ready line with a process count:\n${server.output()}`);
+      return Number(m[1]);
+    };
+    await stopServer(server);
+    server = await startServer(BUNDLE, env);
+    const before = processesAtStart();
+    for (let i = 0; i < IDLE; i++) await create(`idle${i}`);
+    await stopServer(server);
+    server = await startServer(BUNDLE, env);
+    const after = processesAtStart();
+    // The pool's own set-up varies by a few commands with its fill; one per volume would add 30.
+    assert.ok(after - before < IDLE / 3, `start-up ran ${before} commands with the earlier volumes and ${after} with ${IDLE} more`);
+    for (let i = 0; i < IDLE; i++) await callOk(sock, "VolumeDriver.Remove", { Name: `idle${i}` });
+  });
+
   test("remove leaves no loop device, no mount and no file behind, and returns the space", async () => {
     await create("trash", { size: "256M" });
     const mp = await mount("trash", "c1");

@@ -65,6 +65,9 @@ export class FakePool implements Pool {
     this.need(name).active = true;
     return DEVICE_PREFIX + name;
   }
+  async attached() {
+    return new Set([...this.volumes].filter(([, v]) => v.active).map(([name]) => name));
+  }
   async deactivate(name: string) {
     const v = this.volumes.get(name);
     if (v) v.active = false;

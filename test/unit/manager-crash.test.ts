@@ -71,6 +71,10 @@ class CrashingPool implements Pool {
     this.c.step("pool.activate");
     return this.inner.activate(name);
   }
+  async attached() {
+    this.c.step("pool.attached");
+    return this.inner.attached();
+  }
   async deactivate(name: string) {
     this.c.step("pool.deactivate");
     return this.inner.deactivate(name);
