@@ -59,8 +59,14 @@ const SUFFIX = ".json";
 /**
  * One JSON file per volume, each replaced atomically. The directory listing is
  * the list of volumes; nothing else holds state that a crash could tear.
+ *
+ * Records read or written are kept in memory too, so List does not read and parse every
+ * file: this process is the only writer (it holds the state directory's lock). Callers
+ * get copies, so a record changed but not saved never reaches the cache.
  */
 export class RecordStore {
+  private readonly cache = new Map<string, VolumeRecord>();
+
   constructor(private readonly dir: string) {}
 
   async init(): Promise<void> {
@@ -72,6 +78,8 @@ export class RecordStore {
   }
 
   async get(name: string): Promise<VolumeRecord | undefined> {
+    const cached = this.cache.get(name);
+    if (cached !== undefined) return structuredClone(cached);
     const raw = await readJsonFile(this.path(name));
     if (raw === undefined) return undefined;
     const parsed = v.safeParse(RecordSchema, raw);
@@ -79,15 +87,20 @@ export class RecordStore {
       throw new Error(`the record of volume "${name}" at ${this.path(name)} is damaged: ${parsed.issues.map((i) => i.message).join("; ")}`);
     }
     const { version: _version, ...record } = parsed.output;
+    this.cache.set(name, structuredClone(record));
     return record;
   }
 
   async save(record: VolumeRecord): Promise<void> {
     const mounts = [...record.mounts].map(([id, count]) => ({ id, count }));
+    // Forgotten first: if the write fails, the next get reads whatever the file holds.
+    this.cache.delete(record.name);
     await writeFileAtomic(this.path(record.name), JSON.stringify({ version: VERSION, ...record, mounts }, null, 2) + "\n");
+    this.cache.set(record.name, structuredClone(record));
   }
 
   async delete(name: string): Promise<void> {
+    this.cache.delete(name);
     await removeFileDurably(this.path(name));
   }
 
