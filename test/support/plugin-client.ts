@@ -73,9 +73,16 @@ export interface ServerProcess {
   output: () => string;
 }
 
-/** Starts the bundled server and waits until it has recovered its pool and answers List. */
-export async function startServer(bundle: string, env: Record<string, string>): Promise<ServerProcess> {
-  const child = spawn(process.execPath, [bundle], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+/**
+ * Starts the bundled server and waits until it has recovered its pool and answers List;
+ * with this Node (by default the one running the tests) and its flags.
+ */
+export async function startServer(
+  bundle: string,
+  env: Record<string, string>,
+  runtime: { node?: string; flags?: readonly string[] } = {},
+): Promise<ServerProcess> {
+  const child = spawn(runtime.node ?? process.execPath, [...(runtime.flags ?? []), bundle], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
   let out = "";
   child.stdout?.on("data", (d: Buffer) => (out += d.toString()));
   child.stderr?.on("data", (d: Buffer) => (out += d.toString()));
