@@ -4,16 +4,30 @@
 # depend on the machine.
 #
 #   sudo -E npm run bench
+#   sudo -E npm run bench -- --scale N    N volumes through the server's socket (test/bench/scale.ts)
+#   sudo -E npm run bench -- --layers     where an fsync goes, layer by layer (test/bench/layers.sh)
 #
 # Environment:
 #   BENCH_POOL_DRIVER  pool driver for thinvol (default loop)
 #   BENCH_POOL_SIZE    POOL_SIZE (default 8G)
 #   BENCH_REPEAT       repetitions of the short operations; the median is printed (default 5)
-#   BENCH_MIB          size of the throughput and clone data in MiB (default 256)
+#   BENCH_MIB          size of fio's file and of the full clone's data in MiB (default 256)
+#   BENCH_FIO_SECONDS  length of each random-I/O fio run (default 15)
+#   BENCH_PG_SCALE / BENCH_PG_SECONDS   pgbench scale (default 20) and length (default 30)
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo_root"
+case ${1:-} in
+  --scale)
+    [[ $# -eq 2 ]] || { echo "usage: npm run bench -- --scale N" >&2; exit 2; }
+    npm run --silent build >/dev/null
+    exec node --import tsx test/bench/scale.ts "$2"
+    ;;
+  --layers) exec bash test/bench/layers.sh ;;
+  "") ;;
+  *) echo "usage: npm run bench [-- --scale N | --layers]" >&2; exit 2 ;;
+esac
 # Own roots, so a benchmark and an end-to-end run never share an engine.
 export E2E_DATA_ROOT=${BENCH_DATA_ROOT:-/var/lib/thinvol-bench}
 export E2E_EXEC_ROOT=${BENCH_EXEC_ROOT:-/run/thinvol-bench}
@@ -25,6 +39,10 @@ readonly pool_driver=${BENCH_POOL_DRIVER:-loop}
 readonly pool_size=${BENCH_POOL_SIZE:-8G}
 readonly repeat=${BENCH_REPEAT:-5}
 readonly mib=${BENCH_MIB:-256}
+readonly fio_seconds=${BENCH_FIO_SECONDS:-15}
+readonly pg_scale=${BENCH_PG_SCALE:-20}
+readonly pg_seconds=${BENCH_PG_SECONDS:-30}
+readonly pg_image=thinvol-bench/postgres:15
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
@@ -69,56 +87,151 @@ run_container() {
   docker run --rm --network none -v "$1:/d" "$E2E_IMAGE" true
 }
 
-# Measures one driver; prints one line per figure.
+# fio on the host, in DIR: prints one figure (MiB/s or IOPS) for JOB.
+fio_figure() {
+  local dir=$1 job=$2 out
+  local -a common=(--name="$job" --directory="$dir" --filename=fio.data --size="${mib}M" --output-format=json)
+  case $job in
+    seqwrite) out=$(fio "${common[@]}" --rw=write --bs=1M --end_fsync=1) ;;
+    seqread)
+      drop_caches >/dev/null
+      out=$(fio "${common[@]}" --rw=read --bs=1M)
+      ;;
+    randread) out=$(fio "${common[@]}" --rw=randread --bs=4k --ioengine=libaio --iodepth=32 --direct=1 --time_based --runtime="$fio_seconds") ;;
+    randwrite) out=$(fio "${common[@]}" --rw=randwrite --bs=4k --fdatasync=1 --time_based --runtime="$fio_seconds") ;;
+  esac
+  case $job in
+    seq*) jq -r '(.jobs[0].write.bw + .jobs[0].read.bw) / 1024 | floor' <<<"$out" ;;
+    *) jq -r '(.jobs[0].write.iops + .jobs[0].read.iops) | floor' <<<"$out" ;;
+  esac
+}
+
+# PostgreSQL 15 in a container on volume VOL: prints pgbench's TPS (TPC-B, scale
+# $pg_scale, 4 clients, $pg_seconds s).
+pgbench_tps() {
+  local vol=$1 name=pg-$1 start tps
+  start='mkdir -p /d/pg && chown postgres /d/pg && exec su postgres -s /bin/sh -c "/usr/lib/postgresql/15/bin/initdb -A trust -D /d/pg >/dev/null && exec /usr/lib/postgresql/15/bin/postgres -D /d/pg -k /tmp -c listen_addresses="'
+  docker run -d --name "$name" --network none --shm-size 256m -v "$vol:/d" "$pg_image" sh -c "$start" >/dev/null
+  local i
+  for ((i = 0; i < 300; i++)); do
+    docker exec "$name" su postgres -s /bin/sh -c "pg_isready -q -h /tmp" 2>/dev/null && break
+    sleep 0.2
+  done
+  docker exec "$name" su postgres -s /bin/sh -c "/usr/lib/postgresql/15/bin/pgbench -h /tmp -q -i -s $pg_scale postgres" >/dev/null 2>&1 ||
+    die "pgbench -i failed on $vol: $(docker logs "$name" 2>&1 | tail -5)"
+  tps=$(docker exec "$name" su postgres -s /bin/sh -c "/usr/lib/postgresql/15/bin/pgbench -h /tmp -c 4 -j 2 -T $pg_seconds postgres" 2>/dev/null |
+    sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
+  docker rm -f "$name" >/dev/null
+  printf '%.0f' "${tps:-0}"
+}
+
+# Builds the PostgreSQL image from Debian packages (no registry needed), cached as a tarball.
+pg_image_import() {
+  docker image inspect "$pg_image" >/dev/null 2>&1 && return 0
+  local cache=/var/cache/thinvol-bench/postgres-15.tar
+  if [[ ! -s $cache ]]; then
+    command -v mmdebstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap </dev/null >/dev/null
+    mkdir -p "$(dirname "$cache")"
+    log "building the PostgreSQL 15 image with mmdebstrap (once; cached in $cache)"
+    local -a aptopts=()
+    local f
+    for f in /etc/apt/apt.conf.d/*; do aptopts+=(--aptopt="$f"); done
+    local sources=/etc/apt/sources.list.d/debian.sources
+    [[ -f $sources ]] || sources=/etc/apt/sources.list
+    mmdebstrap --quiet --format=tar --variant=apt --include=postgresql-15 "${aptopts[@]}" bookworm "$cache.partial" "$sources" >/dev/null
+    mv "$cache.partial" "$cache"
+  fi
+  docker import --change 'ENV PATH=/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin' "$cache" "$pg_image" >/dev/null
+}
+
+plugin_rss_mib() {
+  local pid
+  pid=$(pgrep -f '^/usr/bin/node .*/thinvol.mjs$' | head -1)
+  [[ -n $pid ]] || { echo "n/a"; return; }
+  awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$pid/status"
+}
+
+declare -A fig=()
+
+# Measures one driver into fig[LABEL.figure].
 bench_driver() {
   local driver=$1 label=$2
-  local -a create_ms=() run_ms=() exec_ms=() opts=()
-  [[ $driver == local ]] || opts=(-o size=2G)
+  local -a create_ms=() run_ms=() opts=()
+  [[ $driver == local ]] || opts=(-o size=4G)
   local i name
   for ((i = 0; i < repeat; i++)); do
     name="bench-$label-$i"
     create_ms+=("$(time_ms docker volume create -d "$driver" "${opts[@]}" "$name")")
-    run_ms+=("$(time_ms run_container "$name")")
   done
-  printf '%-8s %-42s %8s ms\n' "$label" "docker volume create (median of $repeat)" "$(median "${create_ms[@]}")"
-  printf '%-8s %-42s %8s ms\n' "$label" "docker run --rm -v vol:/d true (median)" "$(median "${run_ms[@]}")"
+  run_container "bench-$label-0" >/dev/null # the first start also loads the image
+  for ((i = 0; i < repeat; i++)); do run_ms+=("$(time_ms run_container "bench-$label-$i")"); done
+  fig[$label.create]=$(median "${create_ms[@]}")
+  fig[$label.start]=$(median "${run_ms[@]}")
 
-  # Throughput, timed from the host around `docker exec` in a running container, less
-  # the cost of an empty exec.
-  local vol="bench-$label-0" holder="bench-$label-holder"
+  # fio runs on the host in the volume's mountpoint while a container holds it mounted.
+  local vol="bench-$label-0" holder="bench-$label-holder" mnt
   docker run -d --name "$holder" --network none -v "$vol:/d" "$E2E_IMAGE" sleep 3600 >/dev/null
-  for ((i = 0; i < repeat; i++)); do exec_ms+=("$(time_ms docker exec "$holder" true)"); done
-  local base write read caches
-  base=$(median "${exec_ms[@]}")
-  write=$(time_ms docker exec "$holder" dd if=/dev/zero of=/d/data bs=1M count="$mib" conv=fsync)
-  caches=$(drop_caches)
-  read=$(time_ms docker exec "$holder" dd if=/d/data of=/dev/null bs=1M)
-  printf '%-8s %-42s %8s MiB/s (%s ms)\n' "$label" "sequential write + fsync, $mib MiB" "$(mib_per_s "$mib" $((write - base)))" $((write - base))
-  printf '%-8s %-42s %8s MiB/s (%s ms, page cache %s)\n' "$label" "sequential read, $mib MiB" "$(mib_per_s "$mib" $((read - base)))" $((read - base)) "$caches"
+  mnt=$(docker volume inspect -f '{{.Mountpoint}}' "$vol")
+  if [[ $driver != local ]]; then
+    # The plugin's path, under its propagated mount; the host sees that in the plugin's directory.
+    local propagated
+    propagated=$(jq -r .propagatedMount plugin/config.json)
+    mnt="$E2E_DATA_ROOT/plugins/$(docker plugin inspect -f '{{.Id}}' "$driver")/propagated-mount${mnt#"$propagated"}"
+  fi
+  [[ -d $mnt ]] || die "the mountpoint of $vol ($mnt) is not a directory on the host"
+  local job
+  for job in seqwrite seqread randread randwrite; do
+    log "$label: fio $job"
+    fig[$label.$job]=$(fio_figure "$mnt" "$job")
+  done
   docker rm -f "$holder" >/dev/null
 
-  if [[ $driver == local ]]; then
-    printf '%-8s %-42s %8s\n' "$label" "clone" "n/a (the local driver has no clone)"
-  else
-    local empty_clone full_clone
-    empty_clone=$(time_ms docker volume create -d "$driver" -o from="bench-$label-1" "bench-$label-clone-empty")
-    full_clone=$(time_ms docker volume create -d "$driver" -o from="$vol" "bench-$label-clone-full")
-    printf '%-8s %-42s %8s ms\n' "$label" "clone of an empty volume" "$empty_clone"
-    printf '%-8s %-42s %8s ms\n' "$label" "clone of a volume holding $mib MiB" "$full_clone"
+  if [[ $driver != local ]]; then
+    fig[$label.clone-empty]=$(time_ms docker volume create -d "$driver" -o from="bench-$label-1" "bench-$label-clone-empty")
+    fig[$label.clone-full]=$(time_ms docker volume create -d "$driver" -o from="$vol" "bench-$label-clone-full")
   fi
+
+  log "$label: pgbench (scale $pg_scale, 4 clients, $pg_seconds s)"
+  local pgvol="bench-$label-pg"
+  docker volume create -d "$driver" "${opts[@]}" "$pgvol" >/dev/null
+  fig[$label.pgbench]=$(pgbench_tps "$pgvol")
+}
+
+# row TITLE KEY UNIT HIGHER: thinvol, local and thinvol ÷ local
+row() {
+  local title=$1 key=$2 unit=$3 t=${fig[thinvol.$2]:-} l=${fig[local.$2]:-}
+  local ratio
+  ratio=$(awk -v t="$t" -v l="$l" 'BEGIN { if (t == "" || l == "" || l == 0) print "-"; else printf "%.2f", t / l }')
+  printf '| %-44s | %10s | %10s | %6s |\n' "$title" "${l:--}${l:+ $unit}" "${t:--}${t:+ $unit}" "$ratio"
 }
 
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+for tool in fio jq; do
+  command -v "$tool" >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" </dev/null >/dev/null
+done
 engine_fresh_start
+pg_image_import
 log "installing the plugin as $plugin (POOL_DRIVER=$pool_driver POOL_SIZE=$pool_size)"
 PLUGIN_NAME=$plugin bash build/plugin-install.sh \
   "state.source=$E2E_DATA_ROOT/plugins" "POOL_DRIVER=$pool_driver" "POOL_SIZE=$pool_size" >/dev/null
 
-printf '\nthinvol (pool driver %s) vs the local driver; %s, %s cores, kernel %s\n\n' \
-  "$pool_driver" "$(docker version --format 'Docker {{.Server.Version}}')" "$(nproc)" "$(uname -r)"
 bench_driver "$plugin" thinvol
-echo
+fig[thinvol.rss]=$(plugin_rss_mib)
 bench_driver local local
-echo
+
+printf '\nthinvol (pool driver %s) against the local driver, one engine, one run: %s, kernel %s, %s cores, %s\n\n' \
+  "$pool_driver" "$(docker version --format 'Docker {{.Server.Version}}')" "$(uname -r)" "$(nproc)" "$(findmnt -no FSTYPE -T "$E2E_DATA_ROOT") host filesystem"
+printf '| %-44s | %10s | %10s | %6s |\n' figure local thinvol ratio
+printf '|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..46})" "$(printf -- '-%.0s' {1..12})" "$(printf -- '-%.0s' {1..12})" "$(printf -- '-%.0s' {1..8})"
+row "docker run --rm -v vol:/d true (median of $repeat)" start ms
+row "docker volume create (median of $repeat)" create ms
+row "sequential write 1 MiB + fsync ($mib MiB)" seqwrite MiB/s
+row "sequential read 1 MiB, cold cache" seqread MiB/s
+row "random read 4 KiB, QD32, direct" randread IOPS
+row "random write 4 KiB + fdatasync each" randwrite IOPS
+row "pgbench TPC-B, scale $pg_scale, 4 clients, ${pg_seconds} s" pgbench TPS
+row "clone of an empty volume" clone-empty ms
+row "clone of a volume holding $mib MiB" clone-full ms
+row "plugin RSS after the run" rss MiB
