@@ -4,7 +4,7 @@ import * as v from "valibot";
 import type { Logger } from "../log.js";
 import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
 import type { Runner } from "../system/runner.js";
-import { DmThinPool, dmThinAvailable } from "./dmthin.js";
+import { DmThinPool, dmThinAvailable } from "./dmthin/index.js";
 import { LoopPool } from "./loop.js";
 import type { Pool, PoolDriverName } from "./types.js";
 

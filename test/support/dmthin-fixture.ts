@@ -2,7 +2,7 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createLogger } from "../../src/log.js";
-import { DmThinPool, type DmThinOptions } from "../../src/pool/dmthin.js";
+import { DmThinPool, type DmThinOptions } from "../../src/pool/dmthin/index.js";
 import { FakeDmKernel } from "./fake-dm-kernel.js";
 
 export const MiB = 1024 ** 2;

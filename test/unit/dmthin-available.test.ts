@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { createLogger } from "../../src/log.js";
-import { dmThinAvailable } from "../../src/pool/dmthin.js";
+import { dmThinAvailable } from "../../src/pool/dmthin/index.js";
 import { FakeDmKernel } from "../support/fake-dm-kernel.js";
 import { FakeRunner } from "../support/fake-runner.js";
 

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
-import type { DmThinPool } from "../../src/pool/dmthin.js";
+import type { DmThinPool } from "../../src/pool/dmthin/index.js";
 import { BLOCK, GiB, cleanupFixtures, dmThinFixture, type DmThinFixture } from "../support/dmthin-fixture.js";
 
 /*

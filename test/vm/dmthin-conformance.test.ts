@@ -5,7 +5,7 @@
  */
 import { join } from "node:path";
 import { createLogger } from "../../src/log.js";
-import { DmThinPool } from "../../src/pool/dmthin.js";
+import { DmThinPool } from "../../src/pool/dmthin/index.js";
 import { ExecaRunner } from "../../src/system/runner.js";
 import { poolConformance } from "../support/pool-conformance.js";
 

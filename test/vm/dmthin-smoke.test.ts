@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { createLogger } from "../../src/log.js";
-import { DmThinPool, dmThinAvailable } from "../../src/pool/dmthin.js";
+import { DmThinPool, dmThinAvailable } from "../../src/pool/dmthin/index.js";
 import { deviceSizeBytes } from "../../src/system/blockdev.js";
 import { formatFilesystem } from "../../src/system/filesystem.js";
 import { mountDevice, unmount } from "../../src/system/mount.js";

@@ -15,7 +15,7 @@ import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { after, before, describe, test } from "node:test";
 import { createLogger, type Logger } from "../../src/log.js";
-import { DmThinPool } from "../../src/pool/dmthin.js";
+import { DmThinPool } from "../../src/pool/dmthin/index.js";
 import { thinPoolStatus } from "../../src/system/dmsetup.js";
 import { baseMountOptions, formatFilesystem, type FsType } from "../../src/system/filesystem.js";
 import { loopsOf } from "../../src/system/losetup.js";

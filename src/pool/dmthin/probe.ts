@@ -1,12 +1,12 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { errorMessage } from "../errors.js";
-import type { Logger } from "../log.js";
-import { createDevice, deviceInfo, kernelDriverVersion, listTargets, removeDevice, thinPoolTable } from "../system/dmsetup.js";
-import { attachLoop, detachLoop } from "../system/losetup.js";
-import type { Runner } from "../system/runner.js";
-import { growSparseFile } from "./dmthin-backing.js";
+import { errorMessage } from "../../errors.js";
+import type { Logger } from "../../log.js";
+import { createDevice, deviceInfo, kernelDriverVersion, listTargets, removeDevice, thinPoolTable } from "../../system/dmsetup.js";
+import { attachLoop, detachLoop } from "../../system/losetup.js";
+import type { Runner } from "../../system/runner.js";
+import { growSparseFile } from "./backing.js";
 
 async function hasThinPoolTarget(runner: Runner): Promise<boolean> {
   return (await listTargets(runner)).has("thin-pool");

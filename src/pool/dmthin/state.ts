@@ -1,7 +1,7 @@
 import { join } from "node:path";
 import * as v from "valibot";
-import { ThinvolError } from "../errors.js";
-import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
+import { ThinvolError } from "../../errors.js";
+import { readJsonFile, writeFileAtomic } from "../../system/atomic-file.js";
 
 /** Thin ids are 24-bit. */
 export const MAX_THIN_ID = 2 ** 24 - 1;

@@ -1,6 +1,6 @@
 import { open, stat } from "node:fs/promises";
-import { allocateFileRange } from "../system/extents.js";
-import type { Runner } from "../system/runner.js";
+import { allocateFileRange } from "../../system/extents.js";
+import type { Runner } from "../../system/runner.js";
 
 const MiB = 1024 * 1024;
 

@@ -1,0 +1,197 @@
+import { CommandError, ConflictError, InvalidRequestError, NoSpaceError, NotFoundError, ThinvolError, errorMessage } from "../../errors.js";
+import { formatSize } from "../../size.js";
+import { dmFailureReason, listDevices, sendMessage, thinStatus } from "../../system/dmsetup.js";
+import type { CloneOptions, Pool, PoolUsage } from "../types.js";
+import { DmThinContext, type DmThinOptions, type Locked } from "./context.js";
+import { activateDevice, deactivateDevice, ownDevice, snapshotSuspended, tearDownForRemove } from "./devices.js";
+import { GrowthTimer, growLocked } from "./growth.js";
+import { allocateId, commitJournalled, deleteThinId, dropJournal, journal, setTransactionId, settlePending } from "./journal.js";
+import { closePool, openPool } from "./open.js";
+import { checkSpace, usage } from "./space.js";
+import type { Pending, VolumeRecord } from "./state.js";
+
+export type { DmThinOptions } from "./context.js";
+export { dmThinAvailable } from "./probe.js";
+
+/**
+ * The dm-thin pool: a data file and a metadata file, each on a loop device, joined
+ * into a thin-pool device; each volume is a thin device in it.
+ *
+ * Its parts: the journal that makes create, clone and remove crash-safe (journal.ts),
+ * the volumes' devices (devices.ts), bring-up and close (open.ts), host-space growth
+ * (growth.ts) and the free-space rule (space.ts). All share one context (context.ts);
+ * whatever changes the pool runs under its lock.
+ */
+export class DmThinPool implements Pool {
+  readonly driver = "dm-thin" as const;
+
+  private readonly ctx: DmThinContext;
+  private readonly growth: GrowthTimer;
+
+  constructor(opts: DmThinOptions) {
+    this.ctx = new DmThinContext(opts);
+    this.growth = new GrowthTimer(this.ctx, () => this.growIfNeeded());
+  }
+
+  open(): Promise<void> {
+    return this.ctx.withLock(async (ctx) => {
+      await openPool(ctx);
+      this.growth.start();
+    });
+  }
+
+  async close(): Promise<void> {
+    this.growth.stop();
+    await this.ctx.withLock(async (ctx) => {
+      this.growth.stop();
+      await closePool(ctx);
+    });
+  }
+
+  /** Grows the pool now if it is short of headroom (the timer does this every few seconds). */
+  growIfNeeded(): Promise<void> {
+    return this.ctx.withLock(async (ctx) => {
+      if (ctx.state) await growLocked(ctx);
+    });
+  }
+
+  /**
+   * The opening of every operation on a volume: takes the pool lock, settles an interrupted
+   * operation first (taking a device away does not need that: `settle: false`), and turns a
+   * failure into an error for the user. `started` is when the lock was taken.
+   */
+  private underLock<T>(what: string, volume: string, work: (ctx: Locked, started: number) => Promise<T>, opts: { settle: boolean } = { settle: true }): Promise<T> {
+    return this.ctx.withLock(async (ctx) => {
+      const started = Date.now();
+      try {
+        if (opts.settle) await settlePending(ctx);
+        return await work(ctx, started);
+      } catch (err) {
+        throw this.failure(what, volume, err);
+      }
+    });
+  }
+
+  /** An error for the user: names the volume, the pool and the cause, and keeps the error's kind. */
+  private failure(what: string, volume: string, err: unknown): ThinvolError {
+    if (err instanceof ThinvolError && !(err instanceof CommandError) && err.message.includes(`"${volume}"`)) return err;
+    const msg = `cannot ${what} thin volume "${volume}" in pool ${this.ctx.poolName}: ${errorMessage(err)}`;
+    if (err instanceof NoSpaceError || /No space left on device/i.test(dmFailureReason(err))) return new NoSpaceError(msg, { cause: err });
+    if (err instanceof ConflictError) return new ConflictError(msg, { cause: err });
+    if (err instanceof NotFoundError) return new NotFoundError(msg, { cause: err });
+    return new ThinvolError(msg, { cause: err });
+  }
+
+  private checkNewName(name: string): void {
+    if (name === "pool") throw new InvalidRequestError(`volume name "pool" is reserved by the dm-thin driver (its device would clash with ${this.ctx.poolName})`);
+    if (this.ctx.openState.volumes.has(name)) throw new ConflictError(`thin volume "${name}" already exists in pool ${this.ctx.poolName}`);
+  }
+
+  private volume(name: string): VolumeRecord {
+    const vol = this.ctx.openState.volumes.get(name);
+    if (!vol) throw new NotFoundError(`no thin volume "${name}" in pool ${this.ctx.poolName}`);
+    return vol;
+  }
+
+  async list(): Promise<string[]> {
+    return [...this.ctx.openState.volumes.keys()].sort();
+  }
+
+  async attached(): Promise<Set<string>> {
+    const devices = await listDevices(this.ctx.runner);
+    return new Set([...this.ctx.openState.volumes.keys()].filter((name) => devices.has(this.ctx.deviceName(name))));
+  }
+
+  async sizeOf(name: string): Promise<number> {
+    return this.volume(name).sizeBytes;
+  }
+
+  create(name: string, sizeBytes: number): Promise<void> {
+    return this.underLock("create", name, async (ctx, started) => {
+      this.checkNewName(name);
+      if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 512 || sizeBytes % 512 !== 0) {
+        throw new InvalidRequestError(`cannot create thin volume "${name}": size ${sizeBytes} is not a positive multiple of 512 bytes`);
+      }
+      await checkSpace(ctx, name, "create");
+      const id = allocateId(ctx, name);
+      const T = ctx.openState.transactionId;
+      const p: Pending = { op: "create", name, id, sizeBytes, fromTransaction: T };
+      await journal(ctx, p);
+      await commitJournalled(ctx, p, async () => {
+        await sendMessage(ctx.runner, ctx.poolName, `create_thin ${id}`);
+        await setTransactionId(ctx, T, T + 1);
+      });
+      ctx.log.info("dm-thin create", { volume: name, id, size: formatSize(sizeBytes), ms: Date.now() - started });
+    });
+  }
+
+  clone(name: string, origin: string, _options?: CloneOptions): Promise<void> {
+    // The origin device is suspended for the snapshot, which freezes a filesystem
+    // mounted on it, so the mountpoint is not needed.
+    const what = `clone "${origin}" as`;
+    return this.underLock(what, name, async (ctx, started) => {
+      const from = this.volume(origin);
+      this.checkNewName(name);
+      await checkSpace(ctx, name, what);
+      // Checked before anything is written: a foreign device is never suspended.
+      const originActive = (await ownDevice(ctx, origin, from)) !== undefined;
+      const id = allocateId(ctx, name);
+      const T = ctx.openState.transactionId;
+      const p: Pending = { op: "clone", name, id, sizeBytes: from.sizeBytes, origin, originId: from.id, fromTransaction: T };
+      await journal(ctx, p);
+      await commitJournalled(ctx, p, async () => {
+        const snapshot = () => sendMessage(ctx.runner, ctx.poolName, `create_snap ${id} ${from.id}`);
+        if (originActive) await snapshotSuspended(ctx, ctx.deviceName(origin), snapshot);
+        else await snapshot();
+        await setTransactionId(ctx, T, T + 1);
+      });
+      // The origin was suspended exactly when it was active: a failed suspend ends above.
+      ctx.log.info("dm-thin clone", { volume: name, origin, id, originWasActive: originActive, ms: Date.now() - started });
+    });
+  }
+
+  activate(name: string): Promise<string> {
+    return this.underLock("activate", name, (ctx) => activateDevice(ctx, name, this.volume(name)));
+  }
+
+  deactivate(name: string): Promise<void> {
+    return this.underLock("deactivate", name, (ctx) => deactivateDevice(ctx, name), { settle: false });
+  }
+
+  remove(name: string): Promise<void> {
+    return this.underLock("remove", name, async (ctx, started) => {
+      const vol = ctx.openState.volumes.get(name);
+      if (!vol) return;
+      const T = ctx.openState.transactionId;
+      const p: Pending = { op: "remove", name, id: vol.id, fromTransaction: T };
+      await journal(ctx, p);
+      try {
+        await tearDownForRemove(ctx, name);
+      } catch (err) {
+        // Nothing is deleted yet: keep the volume.
+        await dropJournal(ctx);
+        throw err;
+      }
+      await commitJournalled(ctx, p, async () => {
+        await deleteThinId(ctx, vol.id);
+        await setTransactionId(ctx, T, T + 1);
+      });
+      ctx.log.info("dm-thin remove", { volume: name, id: vol.id, ms: Date.now() - started });
+    });
+  }
+
+  usage(): Promise<PoolUsage> {
+    return usage(this.ctx);
+  }
+
+  async allocatedBytes(name: string): Promise<number> {
+    const vol = this.volume(name);
+    const devName = this.ctx.deviceName(name);
+    try {
+      if (await ownDevice(this.ctx, name, vol)) vol.allocatedBytes = (await thinStatus(this.ctx.runner, devName)).mappedSectors * 512;
+    } catch (err) {
+      throw this.failure("read the allocation of", name, err);
+    }
+    return vol.allocatedBytes ?? 0;
+  }
+}
