@@ -1,4 +1,4 @@
-import { mkdir, open, readdir, rm, stat, statfs, truncate } from "node:fs/promises";
+import { mkdir, open, readdir, realpath, rm, stat, statfs, truncate } from "node:fs/promises";
 import { join } from "node:path";
 import * as v from "valibot";
 import { ConflictError, NoSpaceError, ThinvolError, errorMessage } from "../errors.js";
@@ -6,7 +6,7 @@ import type { Logger } from "../log.js";
 import { formatSize } from "../size.js";
 import { fsyncPath, readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
 import { freezeFilesystem, thawFilesystem } from "../system/filesystem.js";
-import { attachDirectLoop, attachOrReuseLoop, detachLoop, detachLoopsOf, listLoops, loopsByPath, loopsOf, refreshLoopSize } from "../system/losetup.js";
+import { attachDirectLoop, attachOrReuseLoop, backingFile, detachLoop, detachLoopsOf, listLoops, loopsByPath, loopsOf, refreshLoopSize } from "../system/losetup.js";
 import { mountDevice, readMounts, unmount } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
 import { HostReserve } from "./loop-reserve.js";
@@ -47,6 +47,8 @@ export class LoopPool implements Pool {
   private readonly mnt: string;
   private readonly volumesDir: string;
   private readonly reserve: HostReserve;
+  /** The loop device this process last gave each volume, so its teardown needs no search. */
+  private readonly devices = new Map<string, string>();
 
   constructor(private readonly o: LoopPoolOptions) {
     this.poolFile = join(o.dir, "pool.img");
@@ -257,9 +259,10 @@ export class LoopPool implements Pool {
   /** Mount's path: one process (losetup), or none when the device is already there. */
   async activate(name: string): Promise<string> {
     const image = this.image(name);
-    const [existing] = await loopsByPath(image);
-    if (existing !== undefined) return existing;
-    return attachDirectLoop(this.o.runner, image, this.o.log, { sectorSize: await sectorSizeForImage(image) });
+    const device =
+      (await loopsByPath(image))[0] ?? (await attachDirectLoop(this.o.runner, image, this.o.log, { sectorSize: await sectorSizeForImage(image) }));
+    this.devices.set(name, device);
+    return device;
   }
 
   async attached(): Promise<Set<string>> {
@@ -273,13 +276,19 @@ export class LoopPool implements Pool {
 
   async deactivate(name: string): Promise<void> {
     const image = this.image(name);
+    const known = this.devices.get(name);
+    this.devices.delete(name);
+    let path: string;
     try {
-      await stat(image);
+      path = await realpath(image);
     } catch {
       return;
     }
+    // Usually the unmount has already detached the device it was given (umount
+    // --detach-loop): then there is nothing to search for.
+    const gone = known !== undefined && (await backingFile(known)) !== path;
     // Until the kernel lets go of the image, the image's space cannot be freed.
-    if (!(await detachLoopsOf(this.o.runner, image, DETACH_WAIT_MS))) {
+    if (!gone && !(await detachLoopsOf(this.o.runner, image, DETACH_WAIT_MS))) {
       throw new ConflictError(`the loop device of volume "${name}" is still busy ${DETACH_WAIT_MS / 1000} s after it was detached; try again`);
     }
     // What the volume wrote is now all in the pool: settle the reserve, so the host figures are exact.

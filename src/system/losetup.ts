@@ -110,7 +110,7 @@ export async function listLoops(runner: Runner): Promise<AttachedLoop[]> {
 }
 
 /** The file a loop device is bound to, from sysfs (no process started); undefined when unbound. */
-async function backingFile(device: string): Promise<string | undefined> {
+export async function backingFile(device: string): Promise<string | undefined> {
   try {
     return (await readFile(`${SYS_BLOCK}/${basename(device)}/loop/backing_file`, "utf8")).trim();
   } catch {

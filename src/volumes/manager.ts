@@ -32,6 +32,9 @@ function totalReferences(record: VolumeRecord): number {
   return total;
 }
 
+/** A volume's loop device (loop pool) goes with its mount, in the same command. */
+const DETACH = { detachLoop: true } as const;
+
 /** Node's chown leaves an owner or group of -1 as it is. */
 const UNCHANGED_ID = -1;
 
@@ -194,7 +197,7 @@ export class VolumeManager implements VolumeService {
         }
         if (record.mode !== undefined) await chmod(target, record.mode);
       } finally {
-        await unmount(this.o.runner, target);
+        await unmount(this.o.runner, target, DETACH);
       }
     } finally {
       await this.o.pool.deactivate(record.name);
@@ -231,7 +234,7 @@ export class VolumeManager implements VolumeService {
       // forced away. It goes before the intent is saved: if it fails (busy), nothing has changed.
       if (await this.isMounted(name)) {
         try {
-          await unmount(this.o.runner, this.mountpointOf(name));
+          await unmount(this.o.runner, this.mountpointOf(name), DETACH);
         } catch (err) {
           throw new ThinvolError(`cannot remove volume "${name}": ${errorMessage(err)}`, { cause: err });
         }
@@ -288,7 +291,7 @@ export class VolumeManager implements VolumeService {
    * left active for the pool, which discards its blocks before removing it.
    */
   private async destroy(name: string): Promise<void> {
-    if (await this.isMounted(name)) await unmount(this.o.runner, this.mountpointOf(name));
+    if (await this.isMounted(name)) await unmount(this.o.runner, this.mountpointOf(name), DETACH);
     await this.o.pool.remove(name);
     await this.o.records.delete(name);
     await rmdir(this.mountpointOf(name)).catch(() => undefined);
@@ -296,7 +299,7 @@ export class VolumeManager implements VolumeService {
 
   /** Unmounts (if mounted) and deactivates a volume. */
   private async teardown(name: string): Promise<void> {
-    if (await this.isMounted(name)) await unmount(this.o.runner, this.mountpointOf(name));
+    if (await this.isMounted(name)) await unmount(this.o.runner, this.mountpointOf(name), DETACH);
     await this.o.pool.deactivate(name);
   }
 

@@ -47,11 +47,12 @@ describe("volume lifecycle", () => {
         await mkdir(join(target, "lost+found"), { recursive: true });
       }
       if (cmd === "umount") {
+        const target = args[args.length - 1] ?? "";
         if (busyUmounts > 0) {
           busyUmounts--;
-          return commandFailure(`umount: ${args[0]}: target is busy.`, 32);
+          return commandFailure(`umount: ${target}: target is busy.`, 32);
         }
-        mounts = mounts.filter((m) => m.mountPoint !== args[0]);
+        mounts = mounts.filter((m) => m.mountPoint !== target);
       }
       return "";
     });
