@@ -1,10 +1,10 @@
-import { rm, stat, statfs, truncate } from "node:fs/promises";
+import { stat, statfs, truncate } from "node:fs/promises";
 import { dirname } from "node:path";
 import { ThinvolError, errorMessage } from "../errors.js";
 import { KeyedLock } from "../locks.js";
 import type { Logger } from "../log.js";
 import { formatSize } from "../size.js";
-import { allocateFileRange, allocateRange, fileExtents, punchRange, type Extent } from "../system/extents.js";
+import { allocateFileRange, allocateRange, allocateRanges, fileExtents, gapsBetween, punchRange, type Extent } from "../system/extents.js";
 import type { Runner } from "../system/runner.js";
 import { headroomBytes, hostFloorBytes } from "./host-space.js";
 
@@ -133,40 +133,35 @@ export class HostReserve {
       this.poolDev = here.dev;
       if ((await this.balloonSize()) === undefined) {
         await this.inflate(0, roundDown((await this.poolFree()) - BALLOON_MARGIN, MiB), "the pool's free space");
-        await this.backAllFree();
         this.o.log.info("host space reserve set up: free pool space is backed on the host only as volumes need it", { file: this.o.poolFile });
       } else {
         await this.punchStrayBalloonBlocks();
       }
+      await this.backAllButBalloon();
     });
     await this.rebalance();
   }
 
   /**
-   * Backs on the host whatever free pool space the balloon left (its margin): a scratch file
-   * takes all of it, its extents are allocated on the host, and it is deleted. The pool has
-   * no discard, so those blocks stay backed.
+   * Backs on the host every block of the pool file that the balloon does not hold: the pool's
+   * metadata and log, its free space, and the free blocks XFS keeps back for itself. Its
+   * reserves are counts, not places: a volume's data can land on any free block. The
+   * balloon's blocks are then the only ones not backed, and the pool never writes there.
+   * Blocks already allocated cost nothing, so this runs at every start and after growth.
    */
-  private async backAllFree(): Promise<void> {
-    const scratch = `${this.o.balloon}.scratch`;
-    let size = roundDown(await this.poolFree(), MiB);
+  private async backAllButBalloon(): Promise<void> {
+    const [file, balloon] = await Promise.all([stat(this.o.poolFile), this.balloonSize()]);
+    const held = (await fileExtents(this.o.runner, this.o.balloon, { offset: 0, length: balloon ?? 0 })).map((e) => ({
+      offset: e.deviceOffset,
+      length: e.length,
+    }));
     try {
-      while (size >= MiB) {
-        try {
-          await allocateFileRange(this.o.runner, scratch, { offset: 0, length: size });
-          break;
-        } catch {
-          await truncate(scratch, 0).catch(() => undefined);
-          size = roundDown(size / 2, MiB);
-        }
-      }
-      if (size < MiB) return;
-      for (const e of await fileExtents(this.o.runner, scratch, { offset: 0, length: size })) {
-        await allocateRange(this.o.runner, this.o.poolFile, { offset: e.deviceOffset, length: e.length });
-      }
-    } finally {
-      await truncate(scratch, 0).catch(() => undefined);
-      await rm(scratch, { force: true });
+      await allocateRanges(this.o.runner, this.o.poolFile, gapsBetween(held, file.size));
+    } catch (err) {
+      this.o.log.warn("could not back all of the pool's own space on the host; a full host disk may fail its writes", {
+        file: this.o.poolFile,
+        error: errorMessage(err),
+      });
     }
   }
 
@@ -176,14 +171,19 @@ export class HostReserve {
       if (!(await this.poolMounted())) return;
       const size = (await this.balloonSize()) ?? 0;
       await this.inflate(size, roundDown(Math.min(grownBytes, (await this.poolFree()) - BALLOON_MARGIN), MiB), "the pool's new space");
+      // The new space's own metadata and reserved blocks are not in the balloon.
+      await this.backAllButBalloon();
     });
     await this.rebalance();
   }
 
-  /** Balloon blocks allocated on the host are found by the host file holding more than the pool could use. */
+  /**
+   * Balloon blocks allocated on the host are found by the host file holding more than all
+   * of the pool but the balloon.
+   */
   private async punchStrayBalloonBlocks(): Promise<void> {
-    const [file, fs, balloon] = await Promise.all([stat(this.o.poolFile), statfs(this.o.mnt), this.balloonSize()]);
-    const usable = fs.blocks * fs.bsize - (balloon ?? 0);
+    const [file, balloon] = await Promise.all([stat(this.o.poolFile), this.balloonSize()]);
+    const usable = file.size - (balloon ?? 0);
     if (file.blocks * 512 <= usable + BALLOON_MARGIN) return;
     this.o.log.warn("the host backs blocks the pool holds back (an interrupted resize of the reserve); giving them back", {
       file: this.o.poolFile,

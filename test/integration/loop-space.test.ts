@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { setTimeout as sleep } from "node:timers/promises";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
+import { gapsBetween, parseFiemap } from "../../src/system/extents.js";
 import { readMounts } from "../../src/system/mount.js";
 import { mountsUnder, tearDownPool } from "../support/kernel.js";
 import { BUNDLE, callOk, callPlugin, startServer, stopServer, serverEnv, type ServerProcess } from "../support/plugin-client.js";
@@ -94,6 +95,20 @@ describe("loop pool space on the host", () => {
       const freed = before - (await hostBytes(poolFile()));
       assert.ok(freed >= 47 * MiB, `round ${i}: removing a volume holding 48 MiB gave the host back ${freed} bytes\n${p?.server.output().slice(-3000)}`);
     }
+  });
+
+  test("every block of the pool file is allocated on the host but the balloon's, so no pool write can need host space", async () => {
+    // After the removes above: the reserve has grown and shrunk many times.
+    const poolDir = join(p?.dir ?? "", "state", "pool-loop");
+    const size = (await stat(poolFile())).size;
+    const fiemap = (file: string, length: number) => parseFiemap(execFileSync("xfs_io", ["-r", "-c", `fiemap 0 ${length}`, file], { encoding: "utf8" }));
+    const onHost = fiemap(poolFile(), size).map((e) => ({ offset: e.fileOffset, length: e.length }));
+    const balloonFile = join(poolDir, "mnt", "reserve.balloon");
+    const balloon = fiemap(balloonFile, (await stat(balloonFile)).size).map((e) => ({ offset: e.deviceOffset, length: e.length }));
+    // The holes of the pool file must all lie inside the balloon: covering both leaves nothing.
+    const uncovered = gapsBetween([...onHost, ...balloon], size);
+    const total = uncovered.reduce((n, g) => n + g.length, 0);
+    assert.deepEqual(uncovered.slice(0, 5), [], `${total} bytes of the pool file are neither on the host nor in the balloon`);
   });
 
   for (const fs of ["ext4", "xfs"] as const) {
