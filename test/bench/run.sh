@@ -6,6 +6,7 @@
 #   sudo -E npm run bench
 #   sudo -E npm run bench -- --scale N    N volumes through the server's socket (test/bench/scale.ts)
 #   sudo -E npm run bench -- --layers     where an fsync goes, layer by layer (test/bench/layers.sh)
+#   sudo -E npm run bench -- --vm         dm-thin's ratios, in the VM (test/bench/vm.sh)
 #
 # Environment:
 #   BENCH_POOL_DRIVER  pool driver for thinvol (default loop)
@@ -25,8 +26,9 @@ case ${1:-} in
     exec node --import tsx test/bench/scale.ts "$2"
     ;;
   --layers) exec bash test/bench/layers.sh ;;
+  --vm) exec bash test/bench/vm.sh ;;
   "") ;;
-  *) echo "usage: npm run bench [-- --scale N | --layers]" >&2; exit 2 ;;
+  *) echo "usage: npm run bench [-- --scale N | --layers | --vm]" >&2; exit 2 ;;
 esac
 # Own roots, so a benchmark and an end-to-end run never share an engine.
 export E2E_DATA_ROOT=${BENCH_DATA_ROOT:-/var/lib/thinvol-bench}
@@ -91,6 +93,8 @@ run_container() {
 fio_figure() {
   local dir=$1 job=$2 out
   local -a common=(--name="$job" --directory="$dir" --filename=fio.data --size="${mib}M" --output-format=json)
+  # Nothing else's dirty pages (an image just imported, the previous job) may be written back meanwhile.
+  sync
   case $job in
     seqwrite) out=$(fio "${common[@]}" --rw=write --bs=1M --end_fsync=1) ;;
     seqread)
