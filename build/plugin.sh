@@ -31,6 +31,7 @@ declare -A tool_package=(
   [losetup]=util-linux
   [blockdev]=util-linux
   [blkdiscard]=util-linux
+  [blkid]=util-linux
   [fsfreeze]=util-linux
   [fstrim]=util-linux
   [fallocate]=util-linux
@@ -180,7 +181,7 @@ check_rootfs() {
   fi
   local -a checks=(
     "/usr/bin/node --version"
-    "losetup --version" "blockdev --version" "blkdiscard --version" "fsfreeze --version"
+    "losetup --version" "blockdev --version" "blkdiscard --version" "blkid --version" "fsfreeze --version"
     "mount --version" "umount --version" "dmsetup --version" "thin_check --version"
     "mkfs.ext4 -V" "e2fsck -V" "mkfs.xfs -V" "xfs_repair -V" "xfs_growfs -V" "fstrim --version" "cp --version" "sync --version" "modprobe --version"
   )

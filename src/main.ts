@@ -58,6 +58,7 @@ async function main(): Promise<void> {
       stateDir: settings.STATE_DIR,
       setting: settings.POOL_DRIVER,
       dataSizeBytes: settings.POOL_SIZE,
+      dataDevice: settings.POOL_DEVICE,
       minFreePercent: settings.MIN_FREE_SPACE,
       log,
     });

@@ -9,12 +9,31 @@ const sizeSetting = (name: string) =>
     v.minValue(1, `${name} must be larger than 0`),
   );
 
-const SettingsSchema = v.object({
+/** PATH_MAX: longer is no path the kernel would open. */
+const MAX_PATH_LENGTH = 4096;
+/** A bad value is quoted in the error up to this many characters. */
+const MAX_QUOTED = 100;
+
+function quote(value: string): string {
+  return value.length <= MAX_QUOTED ? JSON.stringify(value) : `${JSON.stringify(value.slice(0, MAX_QUOTED))}... (${value.length} characters)`;
+}
+
+const SettingsFields = v.object({
   SOCKET_PATH: v.optional(v.pipe(v.string(), v.startsWith("/", "SOCKET_PATH must be an absolute path")), "/run/docker/plugins/thinvol.sock"),
   STATE_DIR: v.optional(v.pipe(v.string(), v.startsWith("/", "STATE_DIR must be an absolute path")), "/var/lib/thinvol"),
   MOUNT_DIR: v.optional(v.pipe(v.string(), v.startsWith("/", "MOUNT_DIR must be an absolute path")), "/mnt/thinvol"),
   POOL_DRIVER: v.optional(v.picklist(["auto", "dm-thin", "loop"], "POOL_DRIVER must be auto, dm-thin or loop"), "auto"),
   POOL_SIZE: v.optional(sizeSetting("POOL_SIZE"), "100G"),
+  POOL_DEVICE: v.optional(
+    v.pipe(
+      v.string(),
+      // Empty is the default: the pool's data stays in a file.
+      v.check((s) => s === "" || s.startsWith("/"), "POOL_DEVICE must be an absolute path to a block device, such as /dev/disk/by-id/..."),
+      v.maxLength(MAX_PATH_LENGTH, `POOL_DEVICE must be at most ${MAX_PATH_LENGTH} characters`),
+      v.regex(/^[^\x00-\x1f\x7f]*$/, "POOL_DEVICE must not contain control characters"),
+    ),
+    "",
+  ),
   DEFAULT_SIZE: v.optional(sizeSetting("DEFAULT_SIZE"), "10G"),
   DEFAULT_FS: v.optional(v.picklist(["ext4", "xfs"], "DEFAULT_FS must be ext4 or xfs"), "ext4"),
   MIN_FREE_SPACE: v.optional(
@@ -30,6 +49,15 @@ const SettingsSchema = v.object({
   LOG_LEVEL: v.optional(v.picklist(["debug", "info", "warn", "error"], "LOG_LEVEL must be debug, info, warn or error"), "info"),
 });
 
+/** A data device is a dm-thin pool's: the loop driver keeps its pool in a file. */
+const SettingsSchema = v.pipe(
+  SettingsFields,
+  v.forward(
+    v.check((s) => s.POOL_DEVICE === "" || s.POOL_DRIVER !== "loop", "POOL_DEVICE needs the dm-thin driver: set POOL_DRIVER=dm-thin or auto, or unset POOL_DEVICE"),
+    ["POOL_DEVICE"],
+  ),
+);
+
 export type Settings = v.InferOutput<typeof SettingsSchema>;
 
 export class SettingsError extends Error {
@@ -39,7 +67,7 @@ export class SettingsError extends Error {
 /** Empty values count as unset, so `docker plugin set thinvol POOL_SIZE=` restores the default. */
 export function loadSettings(env: Readonly<Record<string, string | undefined>> = process.env): Settings {
   const picked: Record<string, string> = {};
-  for (const key of Object.keys(SettingsSchema.entries)) {
+  for (const key of Object.keys(SettingsFields.entries)) {
     const value = env[key];
     if (value !== undefined && value.trim() !== "") picked[key] = value.trim();
   }
@@ -47,7 +75,7 @@ export function loadSettings(env: Readonly<Record<string, string | undefined>> =
   if (!result.success) {
     const problems = result.issues.map((i) => {
       const key = i.path?.[0]?.key;
-      return `${typeof key === "string" ? `${key}=${JSON.stringify(picked[key] ?? "")}: ` : ""}${i.message}`;
+      return `${typeof key === "string" ? `${key}=${quote(picked[key] ?? "")}: ` : ""}${i.message}`;
     });
     throw new SettingsError(`invalid settings: ${problems.join("; ")}`);
   }

@@ -47,6 +47,11 @@ export class DmThinFixture {
     return join(this.dir, "data.img");
   }
 
+  /** The disk the pool keeps its data on (POOL_DEVICE), if it has one. */
+  get disk(): string | undefined {
+    return this.defaults.dataDevice;
+  }
+
   /** A fresh driver on the same directory and kernel, as after a plugin restart. */
   newPool(opts: Partial<DmThinOptions> = {}): DmThinPool {
     // No timer: tests call growIfNeeded() where the timer would have run.
@@ -79,10 +84,17 @@ export class DmThinFixture {
   }
 }
 
-export async function dmThinFixture(opts: Partial<DmThinOptions> & { open?: boolean; kernel?: FakeDmKernel } = {}): Promise<DmThinFixture> {
+/** Where a pool keeps its data: data.img (the default), or a simulated disk (POOL_DEVICE) of this size, holding what blkid would find. */
+export type Backing = { disk: number; signature?: Record<string, string> } | "file";
+
+export async function dmThinFixture(opts: Partial<DmThinOptions> & { open?: boolean; kernel?: FakeDmKernel; backing?: Backing } = {}): Promise<DmThinFixture> {
   const dir = await mkdtemp(join(tmpdir(), "thinvol-dmthin-"));
   dirs.push(dir);
-  const { open = true, kernel = new FakeDmKernel(), ...defaults } = opts;
+  const { open = true, kernel = new FakeDmKernel(), backing = "file", ...defaults } = opts;
+  if (backing !== "file") {
+    const disk = kernel.addDisk(join(dir, "disk"), backing.disk, backing.signature);
+    Object.assign(defaults, { dataDevice: disk, blockDevices: kernel.blockDevices });
+  }
   const f = new DmThinFixture(join(dir, "pool"), kernel, defaults);
   if (open) await f.pool.open();
   return f;

@@ -1,5 +1,6 @@
-import { closeSync, openSync, readSync, realpathSync, statSync, truncateSync, writeSync } from "node:fs";
+import { closeSync, openSync, readSync, realpathSync, statSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import type { HostSpace } from "../../src/pool/host-space.js";
+import type { BlockDevices } from "../../src/system/blockdev.js";
 import { FakeRunner, commandFailure, type FakeReply } from "./fake-runner.js";
 
 /*
@@ -15,11 +16,16 @@ import { FakeRunner, commandFailure, type FakeReply } from "./fake-runner.js";
  * in it (the real files stay sparse, so tests cost no disk), `hostSpace` is what the
  * driver reads of it, and a test can fill it from outside or give it more room.
  *
+ * Disks (addDisk) are block devices of their own, as POOL_DEVICE names them: a size, what
+ * blkid finds on them, whether something (a mount) holds them. A real file stands at the
+ * disk's path so paths resolve; its contents are never read.
+ *
  * Crash injection: crashAt(n) makes the n-th command from now never return,
  * either before or after it takes effect, like a process killed at that point.
  */
 
 const LOOP_MAJOR = 7;
+const DISK_MAJOR = 8;
 const DM_MAJOR = 253;
 const MAX_THIN_ID = 2 ** 24 - 1;
 const SUPERBLOCK_MAGIC = "FAKE-THIN-METADATA";
@@ -34,11 +40,25 @@ interface Loop {
   autoclear: boolean;
 }
 
+/** A simulated disk (POOL_DEVICE). */
+interface Disk {
+  dev: string;
+  minor: number;
+  sizeBytes: number;
+  /** Its /dev/disk/by-id names (a serial or WWN); empty like a loop device's. */
+  ids: string[];
+  /** What `blkid -p -o export` prints for it; undefined: nothing found. */
+  signature: Record<string, string> | undefined;
+  /** Mounted or claimed outside the pool: the kernel refuses to open it exclusively. */
+  busy: boolean;
+  holders: number;
+}
+
 interface PoolTable {
   kind: "thin-pool";
   length: number;
   meta: Loop;
-  data: Loop;
+  data: Loop | Disk;
   blockSize: number;
   lowWater: number;
   features: string[];
@@ -97,6 +117,17 @@ export interface CrashOptions {
 export class FakeDmKernel {
   readonly runner: FakeRunner;
   readonly loops = new Map<string, Loop>();
+  /** By the disk's path. */
+  readonly disks = new Map<string, Disk>();
+  /** How the driver finds a disk from POOL_DEVICE: only disks are block devices. */
+  readonly blockDevices: BlockDevices = {
+    identify: async (path) => {
+      const resolved = realpathSync(path);
+      const disk = this.disks.get(resolved);
+      if (!disk) throw new Error(`${resolved} is not a block device`);
+      return { path: resolved, number: `${DISK_MAJOR}:${disk.minor}`, ids: disk.ids };
+    },
+  };
   readonly devices = new Map<string, DmDev>();
   readonly nodes = new Set<string>();
   /** By real path of the metadata file: survives reboot(). */
@@ -140,6 +171,20 @@ export class FakeDmKernel {
   }
 
   // ------------------------------------------------------------ test controls
+
+  /** A disk at `path` (a real, empty file stands there), optionally holding what blkid would find. */
+  addDisk(path: string, sizeBytes: number, signature?: Record<string, string>, ids: string[] = []): string {
+    writeFileSync(path, "");
+    const dev = realpathSync(path);
+    this.disks.set(dev, { dev, minor: this.disks.size * 16, sizeBytes, signature, busy: false, holders: 0, ids });
+    return dev;
+  }
+
+  disk(path: string): Disk {
+    const d = this.disks.get(realpathSync(path));
+    if (!d) throw new Error(`no disk ${path}`);
+    return d;
+  }
 
   hostFreeBytes(): number {
     let used = this.hostOtherBytes;
@@ -189,6 +234,7 @@ export class FakeDmKernel {
     this.loops.clear();
     this.devices.clear();
     this.nodes.clear();
+    for (const d of this.disks.values()) d.holders = 0;
   }
 
   damageMetadata(metaFile: string, complaint: string): void {
@@ -319,6 +365,10 @@ export class FakeDmKernel {
         return this.thinCheck(args);
       case "fallocate":
         return this.fallocate(args);
+      case "blockdev":
+        return this.blockdev(args);
+      case "blkid":
+        return this.blkid(args);
       case "modprobe":
         if (this.modprobeWorks && this.thinPoolModuleExists && args[0] === "dm_thin_pool") {
           this.thinPoolLoaded = true;
@@ -382,7 +432,16 @@ export class FakeDmKernel {
     return new Error(`fake kernel: unexpected losetup ${args.join(" ")}`);
   }
 
-  private releaseLoop(loop: Loop): void {
+  private dataByDev(dev: string): Loop | Disk | undefined {
+    const disk = [...this.disks.values()].find((d) => d.dev === dev || `${DISK_MAJOR}:${d.minor}` === dev);
+    return disk ?? this.loopByDev(dev);
+  }
+
+  private releaseLoop(loop: Loop | Disk): void {
+    if (!("file" in loop)) {
+      loop.holders--;
+      return;
+    }
     loop.holders--;
     if (loop.holders <= 0 && loop.autoclear) this.loops.delete(loop.dev);
   }
@@ -542,13 +601,18 @@ export class FakeDmKernel {
       this.thinPoolLoaded = true;
       const [, , , metaDev, dataDev, bs, low, count, ...features] = p;
       const meta = this.loopByDev(metaDev ?? "");
-      const data = this.loopByDev(dataDev ?? "");
+      const data = this.dataByDev(dataDev ?? "");
       const blockSize = Number(bs);
       if (!meta || !data || !Number.isInteger(blockSize) || blockSize < 128 || blockSize % 128 !== 0) throw invalid();
       if (Number(count) !== features.length) throw invalid();
       if (data.sizeBytes < length * 512) throw invalid(); // "device too small for target"
+      // Opened exclusively: a mounted disk, or one another pool holds.
+      if (!("file" in data) && (data.busy || (data.holders > 0 && !(existing?.live?.kind === "thin-pool" && existing.live.data === data)))) {
+        throw new DmFailure(`device-mapper: reload ioctl on ${name}  failed: Device or resource busy`);
+      }
+      const dataMajor = "file" in data ? LOOP_MAJOR : DISK_MAJOR;
       if (existing?.live?.kind === "thin-pool" && existing.live.blockSize !== blockSize) throw invalid();
-      const shown = [0, length, "thin-pool", `${LOOP_MAJOR}:${meta.minor}`, `${LOOP_MAJOR}:${data.minor}`, blockSize, Number(low), features.length, ...features].join(" ");
+      const shown = [0, length, "thin-pool", `${LOOP_MAJOR}:${meta.minor}`, `${dataMajor}:${data.minor}`, blockSize, Number(low), features.length, ...features].join(" ");
       return { kind: "thin-pool", length, meta, data, blockSize, lowWater: Number(low), features, text: shown };
     }
     if (p[2] === "thin") {
@@ -660,6 +724,22 @@ export class FakeDmKernel {
       map.clear();
     }
     return "";
+  }
+
+  /** `blockdev --getsize64 <disk>`; loop devices and thin devices are not asked. */
+  private blockdev(args: readonly string[]): FakeReply {
+    const disk = args[0] === "--getsize64" ? this.disks.get(args[1] ?? "") : undefined;
+    if (!disk) return commandFailure(`blockdev: cannot open ${args[1] ?? ""}: No such file or directory`);
+    return String(disk.sizeBytes);
+  }
+
+  /** `blkid -p -o export <disk>`: exit status 2 when it finds nothing. */
+  private blkid(args: readonly string[]): FakeReply {
+    if (args.join(" ") !== `-p -o export ${args[3] ?? ""}`) return new Error(`fake kernel: unexpected blkid ${args.join(" ")}`);
+    const disk = this.disks.get(args[3] ?? "");
+    if (!disk) return commandFailure(`blkid: error: ${args[3] ?? ""}: No such file or directory`, 2);
+    if (!disk.signature) return commandFailure("", 2);
+    return [`DEVNAME=${disk.dev}`, ...Object.entries(disk.signature).map(([k, v]) => `${k}=${v}`)].join("\n");
   }
 
   /** `fallocate --offset 0 --length N file`: allocates [0, N) on the host, growing the file; all or nothing. */

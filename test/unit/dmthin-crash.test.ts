@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 import type { DmThinPool } from "../../src/pool/dmthin/index.js";
-import { BLOCK, GiB, cleanupFixtures, dmThinFixture, type DmThinFixture } from "../support/dmthin-fixture.js";
+import { BLOCK, GiB, cleanupFixtures, dmThinFixture, type Backing, type DmThinFixture } from "../support/dmthin-fixture.js";
 
 /*
  * Every crash point of every pool-wide operation: the simulated kernel stops the
@@ -17,6 +17,8 @@ interface Scenario {
   name: string;
   /** Start from a directory with no pool (the operation is the first open). */
   fresh?: boolean;
+  /** Only for a pool on a data file (growth). */
+  fileOnly?: boolean;
   prepare(f: DmThinFixture): Promise<void>;
   run(pool: DmThinPool, f: DmThinFixture): Promise<void>;
   /** Volumes that must exist after recovery, whatever the crash point. */
@@ -98,6 +100,7 @@ const scenarios: Scenario[] = [
   ),
   {
     name: "grow",
+    fileOnly: true,
     prepare: (f) => withData(f, "keep", 2, true),
     run: async (_pool, f) => {
       await f.newPool({ dataSizeBytes: 3 * GiB }).open();
@@ -121,10 +124,16 @@ async function assertConsistent(f: DmThinFixture, pool: DmThinPool, s: Scenario,
   for (const v of s.survivors) assert.ok(names.includes(v), `${where}: volume ${v} survived`);
 }
 
-async function sweep(s: Scenario, mode: "before" | "after" | "fail"): Promise<number> {
+/** The same sweeps on a pool whose data is a 1 GiB disk (POOL_DEVICE). */
+const backings: [string, Backing][] = [
+  ["", "file"],
+  [" (data on a device)", { disk: GiB }],
+];
+
+async function sweep(s: Scenario, mode: "before" | "after" | "fail", backing: Backing): Promise<number> {
   let points = 0;
   for (let k = 1; k < 200; k++) {
-    const f = await dmThinFixture({ open: !s.fresh });
+    const f = await dmThinFixture({ open: !s.fresh, backing });
     await s.prepare(f);
     const where = `${s.name}, ${mode} command ${k}`;
     if (mode === "fail") {
@@ -159,17 +168,19 @@ async function sweep(s: Scenario, mode: "before" | "after" | "fail"): Promise<nu
   throw new Error(`${s.name}: did not finish in 200 commands`);
 }
 
-for (const s of scenarios) {
-  describe(`crash during ${s.name}`, () => {
-    for (const mode of ["before", "after", "fail"] as const) {
-      const label =
-        mode === "fail" ? "each command failing once leaves a consistent pool" : `a crash ${mode} each command is recovered by the next open`;
-      test(label, async () => {
-        const points = await sweep(s, mode);
-        assert.ok(points >= 3, `only ${points} points exercised`);
-      });
-    }
-  });
+for (const [suffix, backing] of backings) {
+  for (const s of scenarios.filter((s) => backing === "file" || !s.fileOnly)) {
+    describe(`crash during ${s.name}${suffix}`, () => {
+      for (const mode of ["before", "after", "fail"] as const) {
+        const label =
+          mode === "fail" ? "each command failing once leaves a consistent pool" : `a crash ${mode} each command is recovered by the next open`;
+        test(label, async () => {
+          const points = await sweep(s, mode, backing);
+          assert.ok(points >= 3, `only ${points} points exercised`);
+        });
+      }
+    });
+  }
 }
 
 describe("crash recovery rules", () => {

@@ -14,7 +14,8 @@ suite() {
 }
 
 suite node --import tsx --test --test-concurrency=1 --test-reporter=spec \
-  test/vm/dmthin-smoke.test.ts test/vm/dmthin-conformance.test.ts test/vm/dmthin-specifics.test.ts
+  test/vm/dmthin-smoke.test.ts test/vm/dmthin-conformance.test.ts test/vm/dmthin-specifics.test.ts \
+  test/vm/dmthin-device.test.ts
 suite node --import tsx --test --test-reporter=spec test/integration/server.test.ts
 # The scenarios that depend on the pool driver: size limits and space, clones, restarts.
 # (Option errors and mount sharing do not, and run in the e2e tier with the loop pool.)

@@ -3,6 +3,7 @@ import { InvalidRequestError, ThinvolError } from "../../errors.js";
 import { KeyedLock } from "../../locks.js";
 import type { Logger } from "../../log.js";
 import { formatSize } from "../../size.js";
+import { realBlockDevices, type BlockDevices } from "../../system/blockdev.js";
 import type { Runner } from "../../system/runner.js";
 import { realHostSpace, type HostSpace } from "../host-space.js";
 import { saveState, type PoolState } from "./state.js";
@@ -14,9 +15,16 @@ export interface DmThinOptions {
   /**
    * The most data space the pool may take (POOL_SIZE). The data file is allocated on the
    * host and the pool grown in steps up to this, while the host has room. It may grow
-   * between runs, never shrink.
+   * between runs, never shrink. Ignored when the data is on a device.
    */
   dataSizeBytes: number;
+  /**
+   * POOL_DEVICE: a block device the pool keeps its data on, whole, instead of data.img.
+   * Unset or empty: data.img. A pool never moves between the two.
+   */
+  dataDevice?: string;
+  /** How block devices are found from paths (tests play simulated disks). */
+  blockDevices?: BlockDevices;
   log: Logger;
   /** Prefix of the dm device names: `<name>-pool`, `<name>-<volume>`. Default "thinvol", at most 30 characters. */
   name?: string;
@@ -55,13 +63,17 @@ export class DmThinContext {
   readonly metaFile: string;
   readonly host: HostSpace;
   readonly growthIntervalMs: number;
+  /** POOL_DEVICE, or "" when the data is in data.img. */
+  readonly deviceSetting: string;
+  readonly blockDevices: BlockDevices;
   /** Ids and transaction ids are handed out one operation at a time. */
   private readonly lock = new KeyedLock();
 
   state: PoolState | undefined;
   /** major:minor of the pool device, for thin tables (no /dev node needed). */
   poolDevice = "";
-  dataLoop = "";
+  /** The block device under the pool's data: data.img's loop device, or POOL_DEVICE resolved. */
+  dataDevice = "";
   metaLoop = "";
   /** The most data space the pool may take: POOL_SIZE, or more if the pool already has it. */
   poolMaxBytes = 0;
@@ -94,6 +106,21 @@ export class DmThinContext {
     this.metaFile = join(this.dir, "meta.img");
     this.host = opts.host ?? realHostSpace;
     this.growthIntervalMs = opts.growthIntervalMs ?? 2000;
+    this.deviceSetting = opts.dataDevice ?? "";
+    if (this.deviceSetting !== "" && !this.deviceSetting.startsWith("/")) {
+      throw new InvalidRequestError(`dm-thin data device ${JSON.stringify(this.deviceSetting)} must be an absolute path`);
+    }
+    this.blockDevices = opts.blockDevices ?? realBlockDevices;
+  }
+
+  /** True when the data is on POOL_DEVICE: no data file, no host space to reserve, no growth. */
+  get onDevice(): boolean {
+    return this.deviceSetting !== "";
+  }
+
+  /** The files the pool's loop devices are made from. */
+  get backingFiles(): string[] {
+    return this.onDevice ? [this.metaFile] : [this.dataFile, this.metaFile];
   }
 
   deviceName(volume: string): string {

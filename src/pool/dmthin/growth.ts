@@ -23,14 +23,14 @@ import type { DmThinContext, Locked } from "./context.js";
 export const FEATURES = ["skip_block_zeroing", "error_if_no_space", "no_discard_passdown"] as const;
 
 /** The fewest data blocks a pool is made with. */
-const MIN_POOL_BLOCKS = 16;
+export const MIN_POOL_BLOCKS = 16;
 
 export function poolTable(ctx: DmThinContext, lengthBytes: number): string {
   const blockBytes = ctx.blockBytes;
   return thinPoolTable({
     lengthSectors: lengthBytes / 512,
     metaDevice: ctx.metaLoop,
-    dataDevice: ctx.dataLoop,
+    dataDevice: ctx.dataDevice,
     blockSizeSectors: blockBytes / 512,
     // The kernel raises an event once less than the headroom is free.
     lowWaterBlocks: ctx.headroom / blockBytes,
@@ -116,6 +116,8 @@ export async function adoptSparseData(ctx: Locked, lengthBytes: number): Promise
  * and warns once when it has not.
  */
 export async function growLocked(ctx: Locked): Promise<void> {
+  // A device is the pool's whole length from the start: nothing to reserve or grow.
+  if (ctx.onDevice) return;
   const state = ctx.openState;
   const block = ctx.blockBytes;
   const status = await thinPoolStatus(ctx.runner, ctx.poolName);
@@ -144,7 +146,7 @@ export async function growLocked(ctx: Locked): Promise<void> {
       warnHostLow(ctx, hostFree, floor, `cannot allocate ${formatSize(target - lengthBytes)} more: ${errorMessage(err)}`);
       return;
     }
-    await refreshLoopSize(ctx.runner, ctx.dataLoop);
+    await refreshLoopSize(ctx.runner, ctx.dataDevice);
     // Saved before the reload: a pool re-created after a crash must not be shorter than its metadata.
     state.dataSizeBytes = target;
     await ctx.save();

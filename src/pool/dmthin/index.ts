@@ -14,12 +14,13 @@ export type { DmThinOptions } from "./context.js";
 export { dmThinAvailable } from "./probe.js";
 
 /**
- * The dm-thin pool: a data file and a metadata file, each on a loop device, joined
- * into a thin-pool device; each volume is a thin device in it.
+ * The dm-thin pool: a data file (or a whole block device, POOL_DEVICE) and a metadata
+ * file, each file on a loop device, joined into a thin-pool device; each volume is a thin
+ * device in it.
  *
  * Its parts: the journal that makes create, clone and remove crash-safe (journal.ts),
  * the volumes' devices (devices.ts), bring-up and close (open.ts), host-space growth
- * (growth.ts) and the free-space rule (space.ts). All share one context (context.ts);
+ * (growth.ts), a data device's checks (device.ts) and the free-space rule (space.ts). All share one context (context.ts);
  * whatever changes the pool runs under its lock.
  */
 export class DmThinPool implements Pool {

@@ -7,35 +7,44 @@ import { checkThinMetadata } from "../../system/thin-tools.js";
 import { headroomBytes } from "../host-space.js";
 import { fileSize, growSparseFile, loopDeviceNumber, metadataIsBlank, metadataSizeFor } from "./backing.js";
 import type { Locked } from "./context.js";
+import { checkBacking, deviceBusyError, deviceLength, findDataDevice, refuseUnlessEmpty, type DataDevice } from "./device.js";
 import { foreignDevice, occupant, resumeLeftSuspended } from "./devices.js";
 import { FEATURES, adoptSparseData, allocateOrFail, growLocked, initialLength, poolTable, reloadPool } from "./growth.js";
 import { settlePending } from "./journal.js";
 import { loadState, saveState, stateFile, type PoolState } from "./state.js";
 
+/** No volume was ever made: the pool may still be (re)made from nothing. */
+const isFresh = (state: PoolState): boolean => state.transactionId === 0 && state.volumes.size === 0 && state.pending === undefined;
+
 /**
- * Sets the pool up from its files, or finds it live after a restart: reserves the files,
- * attaches their loop devices, checks and loads the pool table, then settles an
- * interrupted operation and checks that the state file belongs to the metadata.
+ * Sets the pool up from its files (or its data device), or finds it live after a restart:
+ * reserves the files, attaches their loop devices, checks and loads the pool table, then
+ * settles an interrupted operation and checks that the state file belongs to the metadata.
  */
 export async function openPool(ctx: Locked): Promise<void> {
   const started = Date.now();
   await mkdir(ctx.dir, { recursive: true, mode: 0o700 });
-  const state = (await loadState(ctx.dir)) ?? (await initState(ctx));
+  // Everything about the device is checked before anything is written.
+  const device = ctx.onDevice ? await findDataDevice(ctx) : undefined;
+  const loaded = await loadState(ctx.dir);
+  if (loaded) await checkBacking(ctx, loaded, device);
+  if (device && (!loaded || isFresh(loaded)) && (await metadataIsAbsentOrBlank(ctx.metaFile))) await refuseUnlessEmpty(ctx, device);
+  const state = loaded ?? (await initState(ctx, device));
   if (state.blockSizeSectors !== ctx.wantBlockSize) {
     ctx.log.warn("dm-thin pool keeps the block size it was made with", { pool: ctx.poolName, blockSizeSectors: state.blockSizeSectors, asked: ctx.wantBlockSize });
   }
   const blockBytes = state.blockSizeSectors * 512;
   ctx.blockBytes = blockBytes;
-  const fresh = state.transactionId === 0 && state.volumes.size === 0 && state.pending === undefined;
+  const fresh = isFresh(state);
   if (!fresh) {
-    for (const file of [ctx.dataFile, ctx.metaFile]) {
+    for (const file of ctx.backingFiles) {
       if ((await fileSize(file)) === undefined) {
         throw new ThinvolError(`dm-thin pool file ${file} is missing, but ${stateFile(ctx.dir)} says the pool holds volumes; restore the file or move the directory aside to start an empty pool`);
       }
     }
   }
 
-  let poolMax = Math.floor(ctx.wantDataBytes / blockBytes) * blockBytes;
+  let poolMax = device ? deviceLength(ctx, state, device) : Math.floor(ctx.wantDataBytes / blockBytes) * blockBytes;
   if (poolMax < state.dataSizeBytes) {
     ctx.log.warn("dm-thin pool cannot shrink; keeping its size", { pool: ctx.poolName, size: formatSize(state.dataSizeBytes), asked: formatSize(poolMax) });
     poolMax = state.dataSizeBytes;
@@ -45,7 +54,9 @@ export async function openPool(ctx: Locked): Promise<void> {
   const metaBytes = Math.max(state.metaSizeBytes, metadataSizeFor(poolMax, state.blockSizeSectors));
   await allocateOrFail(ctx, ctx.metaFile, metaBytes, "metadata");
   let lengthBytes = state.dataSizeBytes;
-  if (lengthBytes === 0) {
+  if (device) {
+    lengthBytes = poolMax;
+  } else if (lengthBytes === 0) {
     lengthBytes = await initialLength(ctx, poolMax, blockBytes);
     await allocateOrFail(ctx, ctx.dataFile, lengthBytes, "data");
   } else {
@@ -53,7 +64,7 @@ export async function openPool(ctx: Locked): Promise<void> {
     await adoptSparseData(ctx, lengthBytes);
   }
 
-  const live = await attachLoops(ctx, state);
+  const live = await attachLoops(ctx, state, device);
   const liveLength = live?.lengthBytes ?? 0;
 
   // Never shorter than the live pool (a grow the state file missed).
@@ -69,7 +80,7 @@ export async function openPool(ctx: Locked): Promise<void> {
     const settingsDiffer = live.settings !== `${ctx.headroom / blockBytes} ${FEATURES.join(" ")}`;
     if (lengthBytes > liveLength || metaGrew || settingsDiffer) {
       // The loop devices may predate the growth (or a crash interrupted it).
-      await refreshLoopSize(ctx.runner, ctx.dataLoop);
+      if (!device) await refreshLoopSize(ctx.runner, ctx.dataDevice);
       await refreshLoopSize(ctx.runner, ctx.metaLoop);
       await reloadPool(ctx, table);
     }
@@ -111,6 +122,7 @@ export async function openPool(ctx: Locked): Promise<void> {
     volumes: state.volumes.size,
     reused: live !== undefined,
     transaction: state.transactionId,
+    data: device?.path ?? ctx.dataFile,
     reserved: formatSize(state.dataSizeBytes),
     size: formatSize(poolMax),
     hostFree: formatSize(hostFree),
@@ -125,14 +137,14 @@ interface LivePool {
 }
 
 /**
- * Attaches (or finds) the loop devices of the pool's files and records them in the context.
- * When the pool device is already live, uses the loop devices it uses, and stops if it is
- * not this directory's pool.
+ * Attaches (or finds) the loop devices of the pool's files and records them in the context;
+ * a data device is used as it is. When the pool device is already live, uses the loop
+ * devices it uses, and stops if it is not this directory's pool.
  */
-async function attachLoops(ctx: Locked, state: PoolState): Promise<LivePool | undefined> {
-  let dataLoop = await attachOrReuseLoop(ctx.runner, ctx.dataFile, ctx.log);
+async function attachLoops(ctx: Locked, state: PoolState, device: DataDevice | undefined): Promise<LivePool | undefined> {
+  let dataDev = device?.path ?? (await attachOrReuseLoop(ctx.runner, ctx.dataFile, ctx.log));
   let metaLoop = await attachOrReuseLoop(ctx.runner, ctx.metaFile, ctx.log);
-  let dataNo = await loopDeviceNumber(ctx.runner, dataLoop);
+  let dataNo = device?.number ?? (await loopDeviceNumber(ctx.runner, dataDev));
   let metaNo = await loopDeviceNumber(ctx.runner, metaLoop);
 
   const live = (await listDevices(ctx.runner)).get(ctx.poolName);
@@ -142,18 +154,18 @@ async function attachLoops(ctx: Locked, state: PoolState): Promise<LivePool | un
     if (live.suspended) await resumeDevice(ctx.runner, ctx.poolName);
     const table = parseThinPoolTable(ctx.poolName, await tableOf(ctx.runner, ctx.poolName));
     // A file can have more than one loop device; use the ones the live pool uses.
-    if (table.dataDevice !== dataNo) [dataLoop, dataNo] = await loopOfFileNumbered(ctx, ctx.dataFile, table.dataDevice, [dataLoop, dataNo]);
+    if (!device && table.dataDevice !== dataNo) [dataDev, dataNo] = await loopOfFileNumbered(ctx, ctx.dataFile, table.dataDevice, [dataDev, dataNo]);
     if (table.metaDevice !== metaNo) [metaLoop, metaNo] = await loopOfFileNumbered(ctx, ctx.metaFile, table.metaDevice, [metaLoop, metaNo]);
     if (table.dataDevice !== dataNo || table.metaDevice !== metaNo || table.blockSizeSectors !== state.blockSizeSectors) {
       throw new ThinvolError(
         `device ${ctx.poolName} is active but is not the pool in ${ctx.dir}: it uses data ${table.dataDevice}, metadata ${table.metaDevice}, ` +
-          `block size ${table.blockSizeSectors}; expected ${dataLoop} (${dataNo}), ${metaLoop} (${metaNo}), block size ${state.blockSizeSectors}. ` +
+          `block size ${table.blockSizeSectors}; expected ${dataDev} (${dataNo}), ${metaLoop} (${metaNo}), block size ${state.blockSizeSectors}. ` +
           `Another pool has this name: set a different pool name or remove that device`,
       );
     }
     found = { lengthBytes: table.lengthSectors * 512, settings: `${table.lowWaterBlocks} ${table.features.join(" ")}` };
   }
-  ctx.dataLoop = dataLoop;
+  ctx.dataDevice = dataDev;
   ctx.metaLoop = metaLoop;
   return found;
 }
@@ -181,12 +193,17 @@ async function createPoolDevice(ctx: Locked, state: PoolState, fresh: boolean, t
   try {
     await createDevice(ctx.runner, ctx.poolName, table);
   } catch (err) {
-    throw new ThinvolError(`cannot create dm-thin pool ${ctx.poolName} from ${ctx.dataFile} and ${ctx.metaFile}: ${errorMessage(err)}`, { cause: err });
+    const data = ctx.onDevice ? ctx.dataDevice : ctx.dataFile;
+    throw deviceBusyError(ctx, err) ?? new ThinvolError(`cannot create dm-thin pool ${ctx.poolName} from ${data} and ${ctx.metaFile}: ${errorMessage(err)}`, { cause: err });
   }
 }
 
-async function initState(ctx: Locked): Promise<PoolState> {
-  if ((await fileSize(ctx.metaFile)) !== undefined && !(await metadataIsBlank(ctx.metaFile))) {
+async function metadataIsAbsentOrBlank(metaFile: string): Promise<boolean> {
+  return (await fileSize(metaFile)) === undefined || (await metadataIsBlank(metaFile));
+}
+
+async function initState(ctx: Locked, device: DataDevice | undefined): Promise<PoolState> {
+  if (!(await metadataIsAbsentOrBlank(ctx.metaFile))) {
     throw new ThinvolError(
       `found dm-thin metadata ${ctx.metaFile} but no state file ${stateFile(ctx.dir)}: refusing to reuse a pool whose volumes are unknown; restore the state file or move the directory aside`,
     );
@@ -200,7 +217,14 @@ async function initState(ctx: Locked): Promise<PoolState> {
     nextId: 1,
     volumes: new Map(),
     pending: undefined,
+    dataDevice: device ? { setting: device.setting, path: device.path, sizeBytes: device.sizeBytes, ids: device.ids } : undefined,
   };
+  if (device && device.ids.length === 0) {
+    ctx.log.warn("POOL_DEVICE has no /dev/disk/by-id name: should kernel names move between boots, only its size would tell it from another disk", {
+      pool: ctx.poolName,
+      device: device.path,
+    });
+  }
   await saveState(ctx.dir, state);
   ctx.log.info("dm-thin pool state created", { pool: ctx.poolName, dir: ctx.dir, blockSizeSectors: ctx.wantBlockSize });
   return state;
@@ -245,7 +269,8 @@ export async function closePool(ctx: Locked): Promise<void> {
     return;
   }
   if (await deviceInfo(ctx.runner, ctx.poolName)) await removeDevice(ctx.runner, ctx.poolName);
-  for (const file of [ctx.dataFile, ctx.metaFile]) {
+  // A data device is not ours to detach: only the files' loop devices are.
+  for (const file of ctx.backingFiles) {
     for (const dev of await loopsOf(ctx.runner, file)) await detachLoop(ctx.runner, dev);
   }
   ctx.log.info("dm-thin pool taken down: no volume is active", { pool: ctx.poolName });

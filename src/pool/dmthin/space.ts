@@ -20,7 +20,7 @@ export async function checkSpace(ctx: Locked, volume: string, what: string): Pro
   const block = ctx.blockBytes;
   const lengthBytes = status.dataTotalBlocks * block;
   const freeReserved = (status.dataTotalBlocks - status.dataUsedBlocks) * block;
-  if (lengthBytes < ctx.poolMaxBytes && freeReserved < ctx.headroom) {
+  if (!ctx.onDevice && lengthBytes < ctx.poolMaxBytes && freeReserved < ctx.headroom) {
     // The pool may grow but the host cannot give it room.
     const { free: hostFree, floor } = await hostRoom(ctx);
     throw new NoSpaceError(
@@ -45,19 +45,22 @@ export async function checkSpace(ctx: Locked, volume: string, what: string): Pro
   }
 }
 
-/** Data figures are against the size the pool may grow to; host figures say how much of it is reserved. */
+/**
+ * Data figures are against the size the pool may grow to; host figures say how much of it is
+ * reserved. A pool on a device reserves nothing on the host, so it has no host figures.
+ */
 export async function usage(ctx: DmThinContext): Promise<PoolUsage> {
   void ctx.openState; // throws when the pool is not open
   const status = await thinPoolStatus(ctx.runner, ctx.poolName);
   const block = ctx.blockBytes;
-  const [data, meta, hostFree] = await Promise.all([ctx.host.allocatedBytes(ctx.dataFile), ctx.host.allocatedBytes(ctx.metaFile), ctx.host.freeBytes(ctx.dir)]);
-  return {
+  const figures: PoolUsage = {
     driver: "dm-thin",
     dataTotalBytes: Math.max(status.dataTotalBlocks * block, ctx.poolMaxBytes),
     dataUsedBytes: status.dataUsedBlocks * block,
     metaTotalBytes: status.metaTotalBlocks * META_BLOCK_BYTES,
     metaUsedBytes: status.metaUsedBlocks * META_BLOCK_BYTES,
-    hostReservedBytes: data + meta,
-    hostFreeBytes: hostFree,
   };
+  if (ctx.onDevice) return figures;
+  const [data, meta, hostFree] = await Promise.all([ctx.host.allocatedBytes(ctx.dataFile), ctx.host.allocatedBytes(ctx.metaFile), ctx.host.freeBytes(ctx.dir)]);
+  return { ...figures, hostReservedBytes: data + meta, hostFreeBytes: hostFree };
 }

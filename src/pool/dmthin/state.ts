@@ -37,6 +37,19 @@ const PendingSchema = v.variant("op", [
   v.object({ op: v.literal("remove"), name: Name, id: ThinId, fromTransaction: Count }),
 ]);
 
+/**
+ * A pool whose data sits on a block device (POOL_DEVICE) rather than data.img. `setting` is
+ * POOL_DEVICE as given (a /dev/disk/by-id link stays valid when kernel names change),
+ * `path` what it resolved to, `sizeBytes` the device's size when the pool was made.
+ */
+const DataDeviceSchema = v.object({
+  setting: v.pipe(v.string(), v.startsWith("/")),
+  path: v.pipe(v.string(), v.startsWith("/")),
+  sizeBytes: Count,
+  /** The device's /dev/disk/by-id names when the pool was made: who it is, whatever its kernel name. */
+  ids: v.optional(v.array(v.string()), []),
+});
+
 const StateSchema = v.object({
   version: v.literal(1),
   /** Fixed when the pool is made; the metadata is unreadable with any other. */
@@ -49,10 +62,13 @@ const StateSchema = v.object({
   nextId: ThinId,
   volumes: v.record(Name, VolumeSchema),
   pending: v.optional(PendingSchema),
+  /** Absent: the data is in data.img (every pool made before POOL_DEVICE existed). */
+  dataDevice: v.optional(DataDeviceSchema),
 });
 
 export type VolumeRecord = v.InferOutput<typeof VolumeSchema>;
 export type Pending = v.InferOutput<typeof PendingSchema>;
+export type DataDeviceRecord = v.InferOutput<typeof DataDeviceSchema>;
 
 export interface PoolState {
   blockSizeSectors: number;
@@ -62,6 +78,8 @@ export interface PoolState {
   nextId: number;
   volumes: Map<string, VolumeRecord>;
   pending: Pending | undefined;
+  /** Where the data lives: undefined for data.img. */
+  dataDevice: DataDeviceRecord | undefined;
 }
 
 export const stateFile = (dir: string): string => join(dir, "dmthin-state.json");
@@ -90,6 +108,7 @@ export async function loadState(dir: string): Promise<PoolState | undefined> {
     nextId: s.nextId,
     volumes: new Map(Object.entries(s.volumes)),
     pending: s.pending,
+    dataDevice: s.dataDevice,
   };
 }
 
@@ -105,6 +124,7 @@ export async function saveState(dir: string, state: PoolState): Promise<void> {
     nextId: state.nextId,
     volumes,
     ...(state.pending ? { pending: state.pending } : {}),
+    ...(state.dataDevice ? { dataDevice: state.dataDevice } : {}),
   };
   await writeFileAtomic(stateFile(dir), JSON.stringify(out, null, 2) + "\n");
 }
