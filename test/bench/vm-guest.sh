@@ -4,8 +4,9 @@
 #   plain        a directory on ext4 on the first half (what Docker's local driver gives)
 #   dm-thin      a thinvol volume, dm-thin pool on files in that ext4 (the plugin as it is)
 #   loop         a thinvol volume, loop pool on a file in that ext4
-#   dm-thin-raw  dm-thin with its data on the second half directly (no loop device, no
-#                file), metadata on a file: what a pool on a disk of its own would give
+#   dm-thin-raw  dm-thin built by hand with its data on the second half directly (no loop
+#                device, no file), metadata on a file
+#   dm-thin-device  a thinvol volume, dm-thin pool with POOL_DEVICE on the second half
 set -euo pipefail
 
 # No udev in the VM: dmsetup makes the /dev/mapper nodes itself.
@@ -45,16 +46,18 @@ call() {
   curl -sf --unix-socket "$run/thinvol.sock" -X POST -d "$2" "http://plugin/VolumeDriver.$1"
 }
 
+# thinvol_stack DRIVER [DEVICE]: a volume from the plugin's server, with POOL_DEVICE=DEVICE if given.
 thinvol_stack() {
-  local driver=$1
-  SOCKET_PATH=$run/thinvol.sock STATE_DIR=$home/state-$driver MOUNT_DIR=$run/volumes POOL_DRIVER=$driver POOL_SIZE=3G \
-    MALLOC_ARENA_MAX=2 node --max-semi-space-size=1 "$repo/dist/thinvol.mjs" >"$run/server-$driver.log" 2>&1 &
+  local driver=$1 device=${2:-} label=$1${2:+-device}
+  SOCKET_PATH=$run/thinvol.sock STATE_DIR=$home/state-$label MOUNT_DIR=$run/volumes POOL_DRIVER=$driver POOL_SIZE=3G POOL_DEVICE=$device \
+    MALLOC_ARENA_MAX=2 node --max-semi-space-size=1 "$repo/dist/thinvol.mjs" >"$run/server-$label.log" 2>&1 &
   local pid=$!
   for ((i = 0; i < 600; i++)); do call List '{}' >/dev/null 2>&1 && break; sleep 0.1; done
   call Create '{"Name":"bench","Opts":{"size":"2G"}}' >/dev/null
   local mp
   mp=$(call Mount '{"Name":"bench","ID":"bench"}' | jq -r .Mountpoint)
-  fio_all "$mp" "$driver"
+  [[ $mp == /* ]] || { cat "$run/server-$label.log"; exit 1; }
+  fio_all "$mp" "$label"
   call Unmount '{"Name":"bench","ID":"bench"}' >/dev/null
   call Remove '{"Name":"bench"}' >/dev/null
   kill -TERM "$pid"
@@ -81,6 +84,9 @@ umount "$run/raw"
 dmsetup remove --noudevsync bench-thin
 dmsetup remove --noudevsync bench-pool
 losetup -d "$meta"
+# The same half as the plugin's POOL_DEVICE: wiped first, as the plugin asks of a device.
+dd if=/dev/zero of=/dev/mapper/bench-b bs=1M count=16 status=none
+thinvol_stack dm-thin /dev/mapper/bench-b
 umount "$home"
 dmsetup remove --noudevsync bench-a bench-b
 echo "VMBENCH-END"

@@ -28,16 +28,16 @@ while read -r _ stack job value; do fig[$stack.$job]=$value; done < <(grep '^VMB
 
 printf '\nIn the VM (kernel %s, TCG, virtio disk cache=none): each stack against a plain directory on the same disk\n\n' \
   "$(sed -n 's/^VMBENCH-KERNEL //p' <<<"$out" | head -1)"
-printf '| %-34s | %12s | %12s | %12s | %12s |\n' figure plain dm-thin loop dm-thin-raw
-printf '|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..36})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})"
+printf '| %-40s | %12s | %12s | %12s | %12s | %14s |\n' figure plain dm-thin loop dm-thin-raw dm-thin-device
+printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..42})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..16})"
 for job in seqwrite randwrite randread; do
   case $job in
     seqwrite) title="sequential write 1 MiB + fsync (MiB/s)" ;;
     randwrite) title="random write 4 KiB + fdatasync (IOPS)" ;;
     randread) title="random read 4 KiB, QD32, direct (IOPS)" ;;
   esac
-  row="| $(printf '%-34s' "$title") | $(printf '%12s' "${fig[plain.$job]:-}")"
-  for stack in dm-thin loop dm-thin-raw; do
+  row="| $(printf '%-40s' "$title") | $(printf '%12s' "${fig[plain.$job]:-}")"
+  for stack in dm-thin loop dm-thin-raw dm-thin-device; do
     row+=" | $(awk -v v="${fig[$stack.$job]:-}" -v p="${fig[plain.$job]:-}" 'BEGIN { if (v == "" || p == "" || p == 0) printf "%12s", "-"; else printf "%6s (%.2f)", v, v / p }')"
   done
   printf '%s |\n' "$row"
