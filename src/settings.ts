@@ -1,4 +1,5 @@
 import * as v from "valibot";
+import { quote } from "./errors.js";
 import { parseSize } from "./size.js";
 
 const sizeSetting = (name: string) =>
@@ -11,13 +12,6 @@ const sizeSetting = (name: string) =>
 
 /** PATH_MAX: longer is no path the kernel would open. */
 const MAX_PATH_LENGTH = 4096;
-/** A bad value is quoted in the error up to this many characters. */
-const MAX_QUOTED = 100;
-
-function quote(value: string): string {
-  return value.length <= MAX_QUOTED ? JSON.stringify(value) : `${JSON.stringify(value.slice(0, MAX_QUOTED))}... (${value.length} characters)`;
-}
-
 const SettingsFields = v.object({
   SOCKET_PATH: v.optional(v.pipe(v.string(), v.startsWith("/", "SOCKET_PATH must be an absolute path")), "/run/docker/plugins/thinvol.sock"),
   STATE_DIR: v.optional(v.pipe(v.string(), v.startsWith("/", "STATE_DIR must be an absolute path")), "/var/lib/thinvol"),

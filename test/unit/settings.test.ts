@@ -21,7 +21,7 @@ describe("settings: POOL_DEVICE", () => {
     ["a NUL byte", "/dev/sd\0b", /must not contain control characters/],
     ["an escape sequence", "/dev/\x1b[2Jsdb", /must not contain control characters/],
     ["DEL", "/dev/sdb\x7f", /must not contain control characters/],
-    ["a path over 4096 characters, quoted capped", `/${"a".repeat(5000)}`, /POOL_DEVICE="\/a{99}"\.\.\. \(5001 characters\): POOL_DEVICE must be at most 4096 characters$/],
+    ["a path over 4096 characters, quoted capped", `/${"a".repeat(5000)}`, /POOL_DEVICE="\/a{99}…" \(5001 characters\): POOL_DEVICE must be at most 4096 characters$/],
   ] as const) {
     test(`${what} is refused with an error naming POOL_DEVICE`, () => {
       assert.throws(() => loadSettings({ POOL_DEVICE: value }), (err: Error) => {
