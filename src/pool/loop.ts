@@ -189,11 +189,12 @@ export class LoopPool implements Pool {
     this.reserve.stopWatching();
     // An idle pool is taken down, so a disabled or removed plugin leaves no device on the
     // host; the next open() sets it up again. Attached volumes keep it up.
-    if ((await this.isPoolMounted()) && (await this.attached()).size > 0) {
+    const mounted = await this.isPoolMounted();
+    if (mounted && (await this.attached()).size > 0) {
       this.o.log.info("loop pool left up: volumes are attached", { file: this.poolFile });
       return;
     }
-    if (await this.isPoolMounted()) await unmount(this.o.runner, this.mnt);
+    if (mounted) await unmount(this.o.runner, this.mnt);
     for (const dev of await loopsOf(this.o.runner, this.poolFile)) await detachLoop(this.o.runner, dev);
     this.o.log.info("loop pool taken down: no volume is attached", { file: this.poolFile });
   }
