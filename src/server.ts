@@ -6,7 +6,7 @@ import { getRequestListener } from "@hono/node-server";
 import type { Hono } from "hono";
 
 /** Serves the app on a unix socket, replacing a stale socket file left by a crash. */
-export async function listenOnSocket(app: Hono, socketPath: string): Promise<Server> {
+export async function listenOnSocket(app: Hono, socketPath: string, mode = 0o660): Promise<Server> {
   await mkdir(dirname(socketPath), { recursive: true });
   await rm(socketPath, { force: true });
   // Docker's plugin client sends an empty Host header over the unix socket; without a
@@ -21,7 +21,7 @@ export async function listenOnSocket(app: Hono, socketPath: string): Promise<Ser
       resolve();
     });
   });
-  await chmod(socketPath, 0o660);
+  await chmod(socketPath, mode);
   return server;
 }
 

@@ -2,6 +2,7 @@ import { Hono, type Context } from "hono";
 import * as v from "valibot";
 import { InvalidRequestError, RequestTooLargeError, errorMessage, escapeUnprintable, quote } from "../errors.js";
 import type { Logger } from "../log.js";
+import type { RequestMetrics } from "../metrics.js";
 import { VOLUME_NAME_PATTERN, VolumeNameSchema, parseCreateOptions } from "../volumes/options.js";
 import type { VolumeInfo, VolumeService, VolumeSummary } from "../volumes/types.js";
 
@@ -60,7 +61,7 @@ const tooLarge = (what: string) =>
  * it before a byte is read, a chunked body at the chunk that crosses it. Nothing is
  * buffered past the limit; the server drains or drops the rest after the reply.
  */
-async function readBodyBytes(c: Context): Promise<Uint8Array> {
+export async function readBodyBytes(c: Context): Promise<Uint8Array> {
   const declared = Number(c.req.header("content-length"));
   if (declared > MAX_BODY_BYTES) throw tooLarge(`${declared} bytes`);
   const body = c.req.raw.body;
@@ -130,7 +131,7 @@ interface Seen {
 const statusOf = (err: unknown) => (err instanceof RequestTooLargeError ? 413 : 500);
 
 /** The Docker VolumeDriver protocol over a VolumeService. Routes stay thin; errors become `{Err}` in one place. */
-export function createApp(service: VolumeService, log: Logger): Hono {
+export function createApp(service: VolumeService, log: Logger, metrics?: RequestMetrics): Hono {
   const app = new Hono();
   const methods = new Set<string>();
 
@@ -142,11 +143,15 @@ export function createApp(service: VolumeService, log: Logger): Hono {
       const seen: Seen = {};
       try {
         const reply = await handler(await readBodyBytes(c), seen);
-        log.info("request", { method, volume: seen.volume, outcome: "ok", ms: Math.round(performance.now() - started) });
+        const ms = performance.now() - started;
+        metrics?.observe("docker", method, "ok", ms / 1000);
+        log.info("request", { method, volume: seen.volume, outcome: "ok", ms: Math.round(ms) });
         return c.json(reply);
       } catch (err) {
         const message = errorMessage(err);
-        log.info("request", { method, volume: seen.volume, outcome: "error", ms: Math.round(performance.now() - started), error: message });
+        const ms = performance.now() - started;
+        metrics?.observe("docker", method, "error", ms / 1000);
+        log.info("request", { method, volume: seen.volume, outcome: "error", ms: Math.round(ms), error: message });
         return c.json({ Err: message }, statusOf(err));
       }
     });

@@ -1,7 +1,7 @@
-import { mkdir, open, readdir, realpath, rm, stat, statfs, truncate } from "node:fs/promises";
-import { join } from "node:path";
+import { chmod, mkdir, open, readdir, realpath, rename, rm, stat, statfs, truncate } from "node:fs/promises";
+import { dirname, join } from "node:path";
 import * as v from "valibot";
-import { ConflictError, NoSpaceError, ThinvolError, errorMessage } from "../errors.js";
+import { ConflictError, NoSpaceError, NotFoundError, ThinvolError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { formatSize } from "../size.js";
 import { fsyncPath, readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
@@ -19,6 +19,8 @@ export interface LoopPoolOptions {
   dir: string;
   dataSizeBytes: number;
   log: Logger;
+  /** Creates, clones and snapshots are refused while the pool has less than this share free, in percent. */
+  minFreePercent?: number;
 }
 
 /**
@@ -30,6 +32,10 @@ const StateSchema = v.object({ version: v.literal(1), sizeBytes: v.number(), for
 type PoolState = v.InferOutput<typeof StateSchema>;
 
 const IMAGE_SUFFIX = ".img";
+/** A snapshot is `<volume>@<snapshot>.img` in its own directory; `@` is in no volume name. */
+const SNAPSHOT_SEPARATOR = "@";
+/** A rollback copies the snapshot beside the image under this suffix, then renames it over. */
+const ROLLBACK_SUFFIX = ".img.rollback";
 /** Well inside Docker's one-minute limit for Unmount and Remove. */
 const DETACH_WAIT_MS = 20_000;
 const XFS_MAGIC = "XFSB";
@@ -46,7 +52,10 @@ export class LoopPool implements Pool {
   private readonly stateFile: string;
   private readonly mnt: string;
   private readonly volumesDir: string;
+  private readonly snapshotsDir: string;
   private readonly reserve: HostReserve;
+  /** Pool-wide changes (a free-space check and what it allows, growth) one at a time. */
+  private queue: Promise<unknown> = Promise.resolve();
   /** The loop device this process last gave each volume, so its teardown needs no search. */
   private readonly devices = new Map<string, string>();
 
@@ -55,6 +64,7 @@ export class LoopPool implements Pool {
     this.stateFile = join(o.dir, "pool.json");
     this.mnt = join(o.dir, "mnt");
     this.volumesDir = join(this.mnt, "volumes");
+    this.snapshotsDir = join(this.mnt, "snapshots");
     this.reserve = new HostReserve(
       { runner: o.runner, log: o.log, poolFile: this.poolFile, mnt: this.mnt, balloon: join(this.mnt, "reserve.balloon") },
       o.dataSizeBytes,
@@ -63,6 +73,17 @@ export class LoopPool implements Pool {
 
   private image(name: string): string {
     return join(this.volumesDir, name + IMAGE_SUFFIX);
+  }
+
+  private snapshotImage(volume: string, snapshot: string): string {
+    return join(this.snapshotsDir, volume + SNAPSHOT_SEPARATOR + snapshot + IMAGE_SUFFIX);
+  }
+
+  /** Runs pool-wide work after whatever pool-wide work came before it. */
+  private serially<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(work, work);
+    this.queue = run.catch(() => undefined);
+    return run;
   }
 
   private saveState(state: PoolState): Promise<void> {
@@ -83,8 +104,10 @@ export class LoopPool implements Pool {
     const dev = await this.poolDevice();
     await this.mountPool(dev);
     await mkdir(this.volumesDir, { recursive: true, mode: 0o700 });
+    await mkdir(this.snapshotsDir, { recursive: true, mode: 0o700 });
+    await this.dropUnfinishedRollbacks();
     await this.reserve.setUp();
-    if (this.o.dataSizeBytes > state.sizeBytes) await this.grow(dev, state);
+    if (this.o.dataSizeBytes > state.sizeBytes) await this.growTo(dev, state, this.o.dataSizeBytes);
     else if (this.o.dataSizeBytes < state.sizeBytes) {
       log.warn("POOL_SIZE is smaller than the pool; a pool never shrinks", { pool: formatSize(state.sizeBytes), setting: formatSize(this.o.dataSizeBytes) });
     }
@@ -152,8 +175,7 @@ export class LoopPool implements Pool {
     }
   }
 
-  private async grow(dev: string, state: PoolState): Promise<void> {
-    const to = this.o.dataSizeBytes;
+  private async growTo(dev: string, state: PoolState, to: number): Promise<void> {
     this.o.log.info("growing the loop pool", { from: formatSize(state.sizeBytes), to: formatSize(to) });
     const before = (await statfs(this.mnt)).blocks;
     await this.ensureSparseFile(this.poolFile, to);
@@ -204,21 +226,39 @@ export class LoopPool implements Pool {
     return files.filter((f) => f.endsWith(IMAGE_SUFFIX)).map((f) => f.slice(0, -IMAGE_SUFFIX.length)).sort();
   }
 
-  private async checkRoom(name: string): Promise<void> {
+  /**
+   * The pool's one free-space rule for something new (a volume, a clone, a snapshot): the
+   * host must be able to back it, and the pool must keep MIN_FREE_SPACE free. The caller
+   * holds the pool's queue, so what the check allowed is made before the next check runs.
+   */
+  private async checkRoom(what: string): Promise<void> {
     const refusal = await this.reserve.refusal();
-    if (refusal !== undefined) throw new NoSpaceError(`cannot create volume "${name}": ${refusal}`);
+    if (refusal !== undefined) throw new NoSpaceError(`cannot ${what}: ${refusal}`);
+    const min = this.o.minFreePercent ?? 0;
+    if (min <= 0) return;
+    const u = await this.usage();
+    const free = u.dataTotalBytes - u.dataUsedBytes;
+    const pct = u.dataTotalBytes > 0 ? (free / u.dataTotalBytes) * 100 : 0;
+    if (pct < min) {
+      throw new NoSpaceError(
+        `cannot ${what}: the loop pool has ${pct.toFixed(1)}% free (${formatSize(free)} of ${formatSize(u.dataTotalBytes)}), ` +
+          `under MIN_FREE_SPACE=${min}%; remove volumes or snapshots, or grow the pool (thinvol pool grow)`,
+      );
+    }
   }
 
-  async create(name: string, sizeBytes: number): Promise<void> {
-    await this.checkRoom(name);
-    await this.makeImage(name, sizeBytes);
+  create(name: string, sizeBytes: number): Promise<void> {
+    return this.serially(async () => {
+      await this.checkRoom(`create volume "${name}"`);
+      await this.makeImage(name, sizeBytes);
+    });
   }
 
   /** A new image, durable with its name; fails if the name exists, so nothing is overwritten. */
-  private async makeImage(name: string, sizeBytes: number): Promise<void> {
+  private async makeImage(name: string, sizeBytes: number, path = this.image(name)): Promise<void> {
     let handle;
     try {
-      handle = await open(this.image(name), "wx", 0o600);
+      handle = await open(path, "wx", 0o600);
     } catch (err) {
       throw new ThinvolError(`cannot create the image of volume "${name}": ${errorMessage(err)}`, { cause: err });
     }
@@ -228,16 +268,25 @@ export class LoopPool implements Pool {
     } finally {
       await handle.close();
     }
-    await fsyncPath(this.volumesDir);
+    await fsyncPath(dirname(path));
   }
 
-  async clone(name: string, origin: string, options: CloneOptions = {}): Promise<void> {
-    await this.checkRoom(name);
-    const source = this.image(origin);
-    const target = this.image(name);
-    // Claim the name first, so an existing volume is never overwritten.
-    await this.makeImage(name, 0);
-    const frozen = options.originMountpoint;
+  clone(name: string, origin: string, options: CloneOptions = {}): Promise<void> {
+    const from = options.snapshot === undefined ? `volume "${origin}"` : `snapshot "${options.snapshot}" of volume "${origin}"`;
+    return this.serially(async () => {
+      await this.checkRoom(`create volume "${name}"`);
+      const source = options.snapshot === undefined ? this.image(origin) : this.snapshotImage(origin, options.snapshot);
+      // Claim the name first, so an existing volume is never overwritten.
+      await this.makeImage(name, 0);
+      await this.copyImage(source, this.image(name), options.originMountpoint, `cannot clone ${from} to "${name}"`);
+    });
+  }
+
+  /**
+   * Reflinks `source` over the claimed, empty `target`, with the filesystem at `frozen`
+   * frozen for the instant of the copy; on failure the target is removed.
+   */
+  private async copyImage(source: string, target: string, frozen: string | undefined, failure: string): Promise<void> {
     try {
       if (frozen !== undefined) await freezeFilesystem(this.o.runner, frozen);
       try {
@@ -245,11 +294,11 @@ export class LoopPool implements Pool {
       } finally {
         if (frozen !== undefined) await thawFilesystem(this.o.runner, frozen);
       }
-      // The clone's extents and size must be on disk before its record can say it exists.
+      // The copy's extents and size must be on disk before a record can say it exists.
       await fsyncPath(target);
     } catch (err) {
       await rm(target, { force: true });
-      throw new ThinvolError(`cannot clone volume "${origin}" to "${name}": ${errorMessage(err)}`, { cause: err });
+      throw new ThinvolError(`${failure}: ${errorMessage(err)}`, { cause: err });
     }
   }
 
@@ -322,5 +371,135 @@ export class LoopPool implements Pool {
 
   async allocatedBytes(name: string): Promise<number> {
     return (await stat(this.image(name))).blocks * 512;
+  }
+
+  // ---- resize, snapshots, rollback, growth ---------------------------------------
+
+  /**
+   * Grows the sparse image; an attached loop device is told its new size at once. Refused,
+   * like a create, while the pool is short of space: the filesystem's growth writes metadata,
+   * and a write the pool cannot hold would fail inside the volume.
+   */
+  resize(name: string, sizeBytes: number): Promise<void> {
+    return this.serially(() => this.resizeImage(name, sizeBytes));
+  }
+
+  private async resizeImage(name: string, sizeBytes: number): Promise<void> {
+    const image = this.image(name);
+    const handle = await open(image, "r+").catch((err: unknown) => {
+      throw (err as NodeJS.ErrnoException).code === "ENOENT" ? new NotFoundError(`volume "${name}" has no image in the loop pool`) : err;
+    });
+    try {
+      const { size } = await handle.stat();
+      if (sizeBytes < size) {
+        throw new ConflictError(`cannot shrink volume "${name}" from ${formatSize(size)} to ${formatSize(sizeBytes)}: a volume only grows`);
+      }
+      if (sizeBytes === size) return;
+      await this.checkRoom(`resize volume "${name}"`);
+      await handle.truncate(sizeBytes);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    for (const device of await loopsByPath(image)) await refreshLoopSize(this.o.runner, device);
+    this.o.log.info("loop resize", { volume: name, size: formatSize(sizeBytes) });
+  }
+
+  snapshot(volume: string, snapshot: string, options: CloneOptions = {}): Promise<void> {
+    const what = `snapshot volume "${volume}" as "${snapshot}"`;
+    return this.serially(async () => {
+      await this.checkRoom(what);
+      const target = this.snapshotImage(volume, snapshot);
+      await this.makeImage(volume, 0, target);
+      await this.copyImage(this.image(volume), target, options.originMountpoint, `cannot ${what}`);
+      // Read-only: nothing in thinvol writes to a snapshot, and nothing else should.
+      await chmod(target, 0o400);
+    });
+  }
+
+  async snapshots(): Promise<Map<string, string[]>> {
+    const out = new Map<string, string[]>();
+    for (const file of (await readdir(this.snapshotsDir)).sort()) {
+      if (!file.endsWith(IMAGE_SUFFIX)) continue;
+      const key = file.slice(0, -IMAGE_SUFFIX.length);
+      const at = key.indexOf(SNAPSHOT_SEPARATOR);
+      if (at <= 0) continue;
+      const volume = key.slice(0, at);
+      out.set(volume, [...(out.get(volume) ?? []), key.slice(at + 1)]);
+    }
+    return out;
+  }
+
+  private async statSnapshot(volume: string, snapshot: string) {
+    try {
+      return await stat(this.snapshotImage(volume, snapshot));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") throw new NotFoundError(`volume "${volume}" has no snapshot "${snapshot}" in the loop pool`);
+      throw err;
+    }
+  }
+
+  async snapshotSizeOf(volume: string, snapshot: string): Promise<number> {
+    return (await this.statSnapshot(volume, snapshot)).size;
+  }
+
+  async snapshotAllocatedBytes(volume: string, snapshot: string): Promise<number> {
+    return (await this.statSnapshot(volume, snapshot)).blocks * 512;
+  }
+
+  async removeSnapshot(volume: string, snapshot: string): Promise<void> {
+    const target = this.snapshotImage(volume, snapshot);
+    // As for a volume: a truncate frees the blocks the snapshot alone holds before this returns.
+    await truncate(target, 0).catch((err: unknown) => {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    });
+    await rm(target, { force: true });
+    await fsyncPath(this.snapshotsDir);
+    await this.reserve.rebalance(0);
+  }
+
+  /**
+   * Copies the snapshot beside the volume's image and renames it over the image, so a crash
+   * leaves the old image or the snapshot's copy; a copy left half-made is removed at open().
+   */
+  async rollback(volume: string, snapshot: string): Promise<void> {
+    const image = this.image(volume);
+    if ((await loopsByPath(image)).length > 0) {
+      throw new ConflictError(`cannot roll back volume "${volume}": its loop device is attached; unmount it first`);
+    }
+    const source = this.snapshotImage(volume, snapshot);
+    await this.statSnapshot(volume, snapshot);
+    const staged = join(this.volumesDir, volume + ROLLBACK_SUFFIX);
+    await rm(staged, { force: true });
+    await this.makeImage(volume, 0, staged);
+    await this.copyImage(source, staged, undefined, `cannot roll back volume "${volume}" to snapshot "${snapshot}"`);
+    await chmod(staged, 0o600);
+    await rename(staged, image);
+    await fsyncPath(this.volumesDir);
+    await this.reserve.rebalance(0);
+    this.o.log.info("loop rollback", { volume, snapshot });
+  }
+
+  private async dropUnfinishedRollbacks(): Promise<void> {
+    for (const file of await readdir(this.volumesDir)) {
+      if (!file.endsWith(ROLLBACK_SUFFIX)) continue;
+      this.o.log.warn("removing the copy of an interrupted rollback; the volume keeps its data", { file });
+      await rm(join(this.volumesDir, file), { force: true });
+    }
+  }
+
+  /** Grows the pool file and its filesystem while volumes are in use; the new size is kept in the state file. */
+  grow(sizeBytes: number): Promise<void> {
+    return this.serially(async () => {
+      const raw = await readJsonFile(this.stateFile);
+      const state = v.parse(StateSchema, raw);
+      if (sizeBytes < state.sizeBytes) {
+        throw new ConflictError(`cannot shrink the loop pool from ${formatSize(state.sizeBytes)} to ${formatSize(sizeBytes)}: a pool only grows`);
+      }
+      if (sizeBytes === state.sizeBytes) return;
+      const refusal = await this.reserve.refusal();
+      if (refusal !== undefined) throw new NoSpaceError(`cannot grow the loop pool to ${formatSize(sizeBytes)}: ${refusal}`);
+      await this.growTo(await this.poolDevice(), state, sizeBytes);
+    });
   }
 }

@@ -61,7 +61,7 @@ export async function selectPool(o: PoolSelection): Promise<Pool> {
   const pool: Pool =
     driver === "dm-thin"
       ? new DmThinPool({ runner: o.runner, dir, dataSizeBytes: o.dataSizeBytes, dataDevice: o.dataDevice, log: o.log, minFreePercent: o.minFreePercent })
-      : new LoopPool({ runner: o.runner, dir, dataSizeBytes: o.dataSizeBytes, log: o.log });
+      : new LoopPool({ runner: o.runner, dir, dataSizeBytes: o.dataSizeBytes, log: o.log, minFreePercent: o.minFreePercent });
   await pool.open();
   if (saved === undefined) await writeFileAtomic(choiceFile, JSON.stringify({ driver }) + "\n");
   return pool;

@@ -23,6 +23,8 @@ export interface CloneOptions {
    * quiesce the device itself freezes this filesystem for the instant of the copy.
    */
   originMountpoint?: string;
+  /** Copy the origin's snapshot of this name, not the origin itself (the copy has the snapshot's size). */
+  snapshot?: string;
 }
 
 /**
@@ -63,4 +65,34 @@ export interface Pool {
   usage(): Promise<PoolUsage>;
   /** Bytes the pool has allocated to this volume. */
   allocatedBytes(name: string): Promise<number>;
+
+  /**
+   * Grows the volume's block device to `sizeBytes` (a multiple of 512), also while it is
+   * attached and mounted: an attached device sees its new size at once. Never shrinks (a
+   * smaller size is refused). Idempotent: a volume already that size is fine. A crash leaves
+   * the old size or the new one.
+   */
+  resize(name: string, sizeBytes: number): Promise<void>;
+  /**
+   * A read-only, point-in-time copy of `volume` named `snapshot`, sharing every block until
+   * either side is written. Fails if it exists. A mounted origin is quiesced for the instant
+   * of the copy (see CloneOptions.originMountpoint).
+   */
+  snapshot(volume: string, snapshot: string, options?: CloneOptions): Promise<void>;
+  /** The snapshots the pool holds, by volume (names sorted). */
+  snapshots(): Promise<Map<string, string[]>>;
+  /** Size in bytes of a snapshot's device (the volume's size when it was taken). */
+  snapshotSizeOf(volume: string, snapshot: string): Promise<number>;
+  /** Bytes the pool has allocated to a snapshot (shared blocks counted too). */
+  snapshotAllocatedBytes(volume: string, snapshot: string): Promise<number>;
+  /** Removes a snapshot. Idempotent: an absent snapshot is fine. */
+  removeSnapshot(volume: string, snapshot: string): Promise<void>;
+  /**
+   * Puts the volume's data back to its snapshot's, in place: same name, and the size the
+   * snapshot had. The volume must not be attached (refused with ConflictError). The snapshot
+   * stays. A crash leaves the old data or the snapshot's, and running it again finishes it.
+   */
+  rollback(volume: string, snapshot: string): Promise<void>;
+  /** Grows the pool's data space to `sizeBytes` while volumes are in use. A smaller size is refused. */
+  grow(sizeBytes: number): Promise<void>;
 }

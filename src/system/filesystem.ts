@@ -50,6 +50,25 @@ export function baseMountOptions(fs: FsType): string[] {
   return fs === "ext4" ? ["noinit_itable"] : ["nouuid"];
 }
 
+/**
+ * Grows a mounted filesystem to fill its device, online: ext4 through the device, xfs
+ * through its mount point. Growing to the size it already has is a no-op, so a resize
+ * interrupted after this step can run it again.
+ */
+export async function growFilesystem(runner: Runner, device: string, mountpoint: string, fs: FsType): Promise<void> {
+  if (fs === "ext4") await runner.run("resize2fs", [device], { timeoutMs: 600_000 });
+  else await runner.run("xfs_growfs", [mountpoint], { timeoutMs: 600_000 });
+}
+
+/**
+ * Grows an unmounted ext4 filesystem: checked first (resize2fs insists on a clean, checked
+ * filesystem), then grown. Exit 1 of e2fsck means it fixed something, and the check passed.
+ */
+export async function growExt4Offline(runner: Runner, device: string): Promise<void> {
+  await runner.run("e2fsck", ["-f", "-p", device], { okExitCodes: [1], timeoutMs: 600_000 });
+  await runner.run("resize2fs", [device], { timeoutMs: 600_000 });
+}
+
 /** Freezes a mounted filesystem: writes block and everything is on the device. */
 export async function freezeFilesystem(runner: Runner, mountpoint: string): Promise<void> {
   await runner.run("fsfreeze", ["--freeze", mountpoint]);

@@ -1,4 +1,4 @@
-import type { VolumeService } from "./types.js";
+import type { AdminService, VolumeService } from "./types.js";
 
 /**
  * A VolumeService that holds requests until the real one is ready. The socket
@@ -7,8 +7,8 @@ import type { VolumeService } from "./types.js";
  * the start-up error.
  */
 export class DeferredVolumeService implements VolumeService {
-  private readonly ready: Promise<VolumeService>;
-  private resolve!: (s: VolumeService) => void;
+  private readonly ready: Promise<VolumeService & AdminService>;
+  private resolve!: (s: VolumeService & AdminService) => void;
   private reject!: (e: unknown) => void;
 
   constructor() {
@@ -19,8 +19,13 @@ export class DeferredVolumeService implements VolumeService {
     this.ready.catch(() => undefined);
   }
 
-  serve(service: VolumeService): void {
+  serve(service: VolumeService & AdminService): void {
     this.resolve(service);
+  }
+
+  /** The admin API's service, once start-up is done; the start-up error otherwise. */
+  admin(): Promise<AdminService> {
+    return this.ready;
   }
 
   fail(err: unknown): void {

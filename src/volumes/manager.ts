@@ -1,16 +1,27 @@
 import { chmod, chown, mkdir, rm, rmdir, statfs } from "node:fs/promises";
 import { join } from "node:path";
-import { ConflictError, NoSpaceError, NotFoundError, ThinvolError, errorMessage } from "../errors.js";
+import { ConflictError, NotFoundError, ThinvolError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import type { Pool, PoolUsage } from "../pool/types.js";
 import { formatSize } from "../size.js";
-import { baseMountOptions, formatFilesystem, thawFilesystem, type FsType } from "../system/filesystem.js";
+import { baseMountOptions, formatFilesystem, growExt4Offline, growFilesystem, thawFilesystem, type FsType } from "../system/filesystem.js";
+import { CAP_SYS_RESOURCE, hasCapability } from "../system/capabilities.js";
 import { mountDevice, readMounts, unmount, type MountEntry } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
 import { KeyedLock } from "../locks.js";
-import { checkSize, checkVolumeName, parseCreateOptions } from "./options.js";
-import type { RecordStore, VolumeRecord } from "./records.js";
-import type { VolumeInfo, VolumeService, VolumeSummary } from "./types.js";
+import { checkSize, checkSnapshotName, checkVolumeName, parseCreateOptions } from "./options.js";
+import type { RecordStore, SnapshotRecord, VolumeRecord } from "./records.js";
+import type {
+  AdminService,
+  PoolDetail,
+  Progress,
+  ResizeResult,
+  SnapshotDetail,
+  VolumeDetail,
+  VolumeInfo,
+  VolumeService,
+  VolumeSummary,
+} from "./types.js";
 
 export interface VolumeManagerOptions {
   pool: Pool;
@@ -20,10 +31,12 @@ export interface VolumeManagerOptions {
   mountDir: string;
   defaultSizeBytes: number;
   defaultFs: FsType;
-  /** Creates are refused while the pool has less than this share free, in percent. */
+  /** MIN_FREE_SPACE, for the figures the admin API shows; the pool enforces it. */
   minFreePercent: number;
   /** Reads the mount table; tests substitute their own. */
   readMounts?: () => Promise<MountEntry[]>;
+  /** Whether a mounted ext4 filesystem can grow (CAP_SYS_RESOURCE); tests substitute their own. */
+  canGrowExt4Online?: () => Promise<boolean>;
 }
 
 function totalReferences(record: VolumeRecord): number {
@@ -38,9 +51,9 @@ const DETACH = { detachLoop: true } as const;
 /** Node's chown leaves an owner or group of -1 as it is. */
 const UNCHANGED_ID = -1;
 
-function percentFree(total: number, used: number): number {
-  return total > 0 ? ((total - used) / total) * 100 : 0;
-}
+const noProgress: Progress = () => undefined;
+
+const quoteNames = (names: readonly string[]) => names.map((n) => `"${n}"`).join(", ");
 
 /**
  * The volume lifecycle: records, options, mount references and the order of
@@ -48,12 +61,15 @@ function percentFree(total: number, used: number): number {
  * changes the system is preceded by a saved intent (state "creating" or
  * "removing") that recover() finishes or undoes.
  */
-export class VolumeManager implements VolumeService {
+export class VolumeManager implements VolumeService, AdminService {
   private readonly locks = new KeyedLock();
   private readonly readMounts: () => Promise<MountEntry[]>;
 
+  private readonly canGrowExt4Online: () => Promise<boolean>;
+
   constructor(private readonly o: VolumeManagerOptions) {
     this.readMounts = o.readMounts ?? (() => readMounts());
+    this.canGrowExt4Online = o.canGrowExt4Online ?? (() => hasCapability(CAP_SYS_RESOURCE));
   }
 
   mountpointOf(name: string): string {
@@ -92,28 +108,38 @@ export class VolumeManager implements VolumeService {
       if (existing?.state === "removing") await this.finishRemove(existing);
 
       let origin: VolumeRecord | undefined;
+      let snapshot: SnapshotRecord | undefined;
       let fs: FsType;
       let sizeBytes: number;
       if (options.from !== undefined) {
+        const source = options.fromSnapshot === undefined ? `"${options.from}"` : `"${options.from}@${options.fromSnapshot}"`;
         origin = await this.o.records.get(options.from);
         if (!origin || origin.state !== "ready") {
-          throw new NotFoundError(`cannot create volume "${name}" as a clone of "${options.from}": volume "${options.from}" does not exist`);
+          throw new NotFoundError(`cannot create volume "${name}" as a clone of ${source}: volume "${options.from}" does not exist`);
         }
+        if (options.fromSnapshot !== undefined) {
+          snapshot = origin.snapshots?.find((s) => s.name === options.fromSnapshot && s.state === "ready");
+          if (!snapshot) {
+            throw new NotFoundError(
+              `cannot create volume "${name}" as a clone of ${source}: volume "${options.from}" has no snapshot "${options.fromSnapshot}" (thinvol snapshot ls ${options.from})`,
+            );
+          }
+        }
+        const originSize = snapshot?.sizeBytes ?? origin.sizeBytes;
         if (options.fs !== undefined && options.fs !== origin.fs) {
           throw new ConflictError(`cannot create volume "${name}": a clone has its origin's filesystem (${origin.fs}), not ${options.fs}`);
         }
-        if (options.sizeBytes !== undefined && options.sizeBytes !== origin.sizeBytes) {
+        if (options.sizeBytes !== undefined && options.sizeBytes !== originSize) {
           throw new ConflictError(
-            `cannot create volume "${name}": a clone has its origin's size (${formatSize(origin.sizeBytes)}); leave out the size option`,
+            `cannot create volume "${name}": a clone has its origin's size (${formatSize(originSize)}); leave out the size option, and grow it afterwards with thinvol resize`,
           );
         }
         fs = origin.fs;
-        sizeBytes = origin.sizeBytes;
+        sizeBytes = originSize;
       } else {
         fs = options.fs ?? this.o.defaultFs;
         sizeBytes = checkSize(name, options.sizeBytes ?? this.o.defaultSizeBytes, fs);
       }
-      await this.checkFreeSpace(name);
       // The intent saved below lets a failed or interrupted create be undone by removing the
       // name from the pool. That is safe only if the name was free when the intent was saved.
       if ((await this.o.pool.list()).includes(name)) {
@@ -132,16 +158,18 @@ export class VolumeManager implements VolumeService {
         mountOptions: options.mountOptions,
         mounts: new Map(),
       };
-      if (origin) record.origin = origin.name;
+      if (origin) record.origin = snapshot ? `${origin.name}@${snapshot.name}` : origin.name;
       if (options.uid !== undefined) record.uid = options.uid;
       if (options.gid !== undefined) record.gid = options.gid;
       if (options.mode !== undefined) record.mode = options.mode;
       await this.o.records.save(record);
 
       try {
-        if (origin) {
-          const originMounted = totalReferences(origin) > 0 && (await this.isMounted(origin.name));
-          await this.o.pool.clone(name, origin.name, originMounted ? { originMountpoint: this.mountpointOf(origin.name) } : {});
+        if (origin && snapshot) {
+          // A snapshot is never written: nothing to freeze.
+          await this.o.pool.clone(name, origin.name, { snapshot: snapshot.name });
+        } else if (origin) {
+          await this.o.pool.clone(name, origin.name, await this.quiesceOptions(origin));
         } else {
           await this.o.pool.create(name, sizeBytes);
         }
@@ -156,26 +184,10 @@ export class VolumeManager implements VolumeService {
     });
   }
 
-  private async checkFreeSpace(name: string): Promise<void> {
-    const min = this.o.minFreePercent;
-    if (min <= 0) return;
-    const u = await this.o.pool.usage();
-    const dataFree = percentFree(u.dataTotalBytes, u.dataUsedBytes);
-    if (dataFree < min) {
-      throw new NoSpaceError(
-        `cannot create volume "${name}": the ${u.driver} pool has ${dataFree.toFixed(1)}% free ` +
-          `(${formatSize(u.dataTotalBytes - u.dataUsedBytes)} of ${formatSize(u.dataTotalBytes)}), under MIN_FREE_SPACE=${min}%; ` +
-          `remove volumes or raise POOL_SIZE`,
-      );
-    }
-    if (u.metaTotalBytes !== undefined && u.metaUsedBytes !== undefined) {
-      const metaFree = percentFree(u.metaTotalBytes, u.metaUsedBytes);
-      if (metaFree < min) {
-        throw new NoSpaceError(
-          `cannot create volume "${name}": the pool's metadata has ${metaFree.toFixed(1)}% free, under MIN_FREE_SPACE=${min}%; remove volumes`,
-        );
-      }
-    }
+  /** A mounted origin is frozen for the instant of a copy (a clone or a snapshot). */
+  private async quiesceOptions(origin: VolumeRecord): Promise<{ originMountpoint?: string }> {
+    const mounted = totalReferences(origin) > 0 && (await this.isMounted(origin.name));
+    return mounted ? { originMountpoint: this.mountpointOf(origin.name) } : {};
   }
 
   /** Makes the filesystem (for a new volume) and sets up its root directory. */
@@ -229,6 +241,13 @@ export class VolumeManager implements VolumeService {
       if (record.state === "removing") {
         await this.finishRemove(record);
         return;
+      }
+      const snapshots = (record.snapshots ?? []).map((x) => x.name);
+      if (snapshots.length > 0) {
+        throw new ConflictError(
+          `cannot remove volume "${name}": it has ${snapshots.length === 1 ? "a snapshot" : "snapshots"} ${quoteNames(snapshots)}; ` +
+            `remove ${snapshots.length === 1 ? "it" : "them"} first with ${snapshots.map((x) => `thinvol snapshot rm ${name} ${x}`).join(" and ")}`,
+        );
       }
       // Docker calls Remove only when no container uses the volume, so a mount left behind is
       // forced away. It goes before the intent is saved: if it fails (busy), nothing has changed.
@@ -372,6 +391,8 @@ export class VolumeManager implements VolumeService {
     };
     if (record.origin !== undefined) status["origin"] = record.origin;
     if (record.mountOptions.length > 0) status["mountOptions"] = record.mountOptions.join(",");
+    const snapshots = readySnapshots(record);
+    if (snapshots.length > 0) status["snapshots"] = snapshots.map((x) => x.name).join(",");
     if (mounted) {
       try {
         const s = await statfs(this.mountpointOf(name));
@@ -414,6 +435,283 @@ export class VolumeManager implements VolumeService {
     return out;
   }
 
+  // ---- resize ------------------------------------------------------------------
+
+  /**
+   * Grows a volume and its filesystem, online if a container uses it. The intent (resizeTo)
+   * is saved first; the pool's resize and the filesystem's growth each do nothing when done
+   * already, so start-up can run both again after a crash and the two end up agreeing.
+   */
+  async resize(rawName: string, sizeBytes: number, progress: Progress = noProgress): Promise<ResizeResult> {
+    const name = checkVolumeName(rawName);
+    return this.locks.with(name, async () => {
+      const record = await this.load(name);
+      const to = checkSize(name, sizeBytes, record.fs, "resize");
+      const previous = record.sizeBytes;
+      if (to < previous) {
+        throw new ConflictError(
+          `cannot resize volume "${name}" to ${formatSize(to)}: it is ${formatSize(previous)}, and a volume never shrinks ` +
+            `(its filesystem cannot shrink while in use); make a smaller volume and copy the data`,
+        );
+      }
+      if (to === previous) return { name, previousSizeBytes: previous, sizeBytes: previous };
+      if (record.fs === "ext4" && !(await this.canGrowExt4Online()) && (await this.isMounted(name))) {
+        throw new ConflictError(
+          `cannot resize volume "${name}" while it is mounted: growing a mounted ext4 filesystem needs the CAP_SYS_RESOURCE capability, ` +
+            `which this host does not give the plugin; stop the containers that use it and resize again (it then grows offline), or use xfs, which grows mounted`,
+        );
+      }
+      record.resizeTo = to;
+      await this.o.records.save(record);
+      await this.finishResize(record, progress);
+      return { name, previousSizeBytes: previous, sizeBytes: to };
+    });
+  }
+
+  private async finishResize(record: VolumeRecord, progress: Progress): Promise<void> {
+    const { name } = record;
+    const to = record.resizeTo;
+    if (to === undefined) return;
+    try {
+      progress(`growing the device of volume "${name}" to ${formatSize(to)}`);
+      await this.o.pool.resize(name, to);
+      progress(`growing the ${record.fs} filesystem of volume "${name}"`);
+      await this.growFilesystem(record);
+    } catch (err) {
+      // The intent stays: the next start finishes the resize (both steps only grow).
+      if (err instanceof ThinvolError && err.message.includes(`"${name}"`)) throw err;
+      throw new ThinvolError(`cannot resize volume "${name}" to ${formatSize(to)}: ${errorMessage(err)}`, { cause: err });
+    }
+    this.o.log.info("volume resized", { volume: name, from: formatSize(record.sizeBytes), to: formatSize(to) });
+    record.sizeBytes = to;
+    delete record.resizeTo;
+    await this.o.records.save(record);
+  }
+
+  /**
+   * Grows the filesystem to its device: where it is mounted, or mounted for the purpose (the
+   * kernel's growth is journalled, so a crash cannot tear it). Only an ext4 volume on a host
+   * that withholds CAP_SYS_RESOURCE grows unmounted, checked first, with resize2fs.
+   */
+  private async growFilesystem(record: VolumeRecord): Promise<void> {
+    const target = this.mountpointOf(record.name);
+    if (await this.isMounted(record.name)) {
+      await growFilesystem(this.o.runner, await this.o.pool.activate(record.name), target, record.fs);
+      return;
+    }
+    const device = await this.o.pool.activate(record.name);
+    if (record.fs === "ext4" && !(await this.canGrowExt4Online())) {
+      try {
+        await growExt4Offline(this.o.runner, device);
+      } finally {
+        await this.o.pool.deactivate(record.name);
+      }
+      return;
+    }
+    try {
+      await mkdir(target, { recursive: true });
+      await mountDevice(this.o.runner, device, target, record.fs, baseMountOptions(record.fs));
+      try {
+        await growFilesystem(this.o.runner, device, target, record.fs);
+      } finally {
+        await unmount(this.o.runner, target, DETACH);
+      }
+    } finally {
+      await this.o.pool.deactivate(record.name);
+    }
+  }
+
+  // ---- snapshots ---------------------------------------------------------------
+
+  async createSnapshot(rawVolume: string, rawSnapshot: string, progress: Progress = noProgress): Promise<SnapshotDetail> {
+    const name = checkVolumeName(rawVolume);
+    const snap = checkSnapshotName(rawSnapshot);
+    return this.locks.with(name, async () => {
+      const record = await this.load(name);
+      const existing = record.snapshots?.find((x) => x.name === snap);
+      if (existing?.state === "ready") throw new ConflictError(`volume "${name}" already has a snapshot "${snap}"`);
+      // The leftovers of an attempt that failed and could not be cleaned up at the time.
+      if (existing) await this.dropSnapshot(record, snap);
+      const entry: SnapshotRecord = { name: snap, state: "creating", createdAt: new Date().toISOString(), sizeBytes: record.sizeBytes };
+      record.snapshots = [...(record.snapshots ?? []), entry];
+      await this.o.records.save(record);
+      const quiesce = await this.quiesceOptions(record);
+      progress(`taking snapshot "${snap}" of volume "${name}"${quiesce.originMountpoint ? " (its filesystem is frozen for the instant)" : ""}`);
+      try {
+        await this.o.pool.snapshot(name, snap, quiesce);
+      } catch (err) {
+        await this.dropSnapshot(record, snap).catch((undoErr: unknown) => {
+          this.o.log.error("could not undo a failed snapshot; it will be retried at the next start", { volume: name, snapshot: snap, error: errorMessage(undoErr) });
+        });
+        if (err instanceof ThinvolError && err.message.includes(`"${name}"`)) throw err;
+        throw new ThinvolError(`cannot snapshot volume "${name}" as "${snap}": ${errorMessage(err)}`, { cause: err });
+      }
+      entry.state = "ready";
+      await this.o.records.save(record);
+      this.o.log.info("snapshot created", { volume: name, snapshot: snap, frozen: quiesce.originMountpoint !== undefined });
+      return this.snapshotDetail(name, entry);
+    });
+  }
+
+  async removeSnapshot(rawVolume: string, rawSnapshot: string, progress: Progress = noProgress): Promise<void> {
+    const name = checkVolumeName(rawVolume);
+    const snap = checkSnapshotName(rawSnapshot);
+    // A clone being made from the snapshot holds the volume's lock too.
+    await this.locks.with(name, async () => {
+      const record = await this.load(name);
+      const entry = record.snapshots?.find((x) => x.name === snap);
+      if (!entry) throw new NotFoundError(`volume "${name}" has no snapshot "${snap}"`);
+      entry.state = "removing";
+      await this.o.records.save(record);
+      progress(`removing snapshot "${snap}" of volume "${name}"`);
+      try {
+        await this.dropSnapshot(record, snap);
+      } catch (err) {
+        throw new ThinvolError(`cannot remove snapshot "${snap}" of volume "${name}": ${errorMessage(err)}`, { cause: err });
+      }
+      this.o.log.info("snapshot removed", { volume: name, snapshot: snap });
+    });
+  }
+
+  /** Removes a snapshot from the pool, then from the record: a crash between leaves the intent. */
+  private async dropSnapshot(record: VolumeRecord, snap: string): Promise<void> {
+    await this.o.pool.removeSnapshot(record.name, snap);
+    record.snapshots = (record.snapshots ?? []).filter((x) => x.name !== snap);
+    if (record.snapshots.length === 0) delete record.snapshots;
+    await this.o.records.save(record);
+  }
+
+  /**
+   * Puts a volume back to a snapshot in place, refused while it is mounted. The intent
+   * (rollbackTo) is saved first, and start-up finishes a rollback a crash interrupted.
+   */
+  async rollback(rawVolume: string, rawSnapshot: string, progress: Progress = noProgress): Promise<VolumeDetail> {
+    const name = checkVolumeName(rawVolume);
+    const snap = checkSnapshotName(rawSnapshot);
+    return this.locks.with(name, async () => {
+      const record = await this.load(name);
+      if (!readySnapshots(record).some((x) => x.name === snap)) throw new NotFoundError(`volume "${name}" has no snapshot "${snap}"`);
+      const refs = totalReferences(record);
+      if (refs > 0 || (await this.isMounted(name))) {
+        throw new ConflictError(
+          `cannot roll back volume "${name}" to snapshot "${snap}": it is mounted${refs > 0 ? ` (${refs} container mount${refs === 1 ? "" : "s"})` : ""}; ` +
+            `stop the containers that use it first (docker ps --filter volume=${name})`,
+        );
+      }
+      record.rollbackTo = snap;
+      await this.o.records.save(record);
+      progress(`rolling back volume "${name}" to snapshot "${snap}"`);
+      await this.finishRollback(record);
+      return this.detail(record, new Set());
+    });
+  }
+
+  private async finishRollback(record: VolumeRecord): Promise<void> {
+    const { name } = record;
+    const snap = record.rollbackTo;
+    if (snap === undefined) return;
+    const entry = readySnapshots(record).find((x) => x.name === snap);
+    try {
+      if (!entry) throw new NotFoundError(`its snapshot "${snap}" is gone`);
+      await this.o.pool.deactivate(name);
+      await this.o.pool.rollback(name, snap);
+    } catch (err) {
+      throw new ThinvolError(`cannot roll back volume "${name}" to snapshot "${snap}": ${errorMessage(err)}`, { cause: err });
+    }
+    this.o.log.info("volume rolled back", { volume: name, snapshot: snap });
+    record.sizeBytes = entry.sizeBytes;
+    delete record.rollbackTo;
+    await this.o.records.save(record);
+  }
+
+  // ---- the admin API's views --------------------------------------------------------
+
+  async volumes(): Promise<VolumeDetail[]> {
+    const mounted = new Set((await this.readMounts()).map((m) => m.mountPoint));
+    const out: VolumeDetail[] = [];
+    for (const name of await this.o.records.names()) {
+      const record = await this.o.records.get(name).catch(() => undefined);
+      if (record?.state === "ready") out.push(await this.detail(record, mounted));
+    }
+    return out;
+  }
+
+  async volume(rawName: string): Promise<VolumeDetail> {
+    const record = await this.load(checkVolumeName(rawName));
+    return this.detail(record, new Set((await this.readMounts()).map((m) => m.mountPoint)));
+  }
+
+  private async detail(record: VolumeRecord, mounted: ReadonlySet<string>): Promise<VolumeDetail> {
+    const mountpoint = this.mountpointOf(record.name);
+    const d: VolumeDetail = {
+      name: record.name,
+      createdAt: record.createdAt,
+      sizeBytes: record.sizeBytes,
+      filesystem: record.fs,
+      mounted: mounted.has(mountpoint),
+      mounts: totalReferences(record),
+      snapshots: readySnapshots(record).map((x) => x.name),
+    };
+    if (d.mounted) {
+      d.mountpoint = mountpoint;
+      try {
+        const s = await statfs(mountpoint);
+        d.usedBytes = (s.blocks - s.bfree) * s.bsize;
+        d.availableBytes = s.bavail * s.bsize;
+      } catch (err) {
+        this.o.log.warn("cannot read filesystem usage", { volume: record.name, error: errorMessage(err) });
+      }
+    }
+    try {
+      d.allocatedBytes = await this.o.pool.allocatedBytes(record.name);
+    } catch (err) {
+      this.o.log.warn("cannot read a volume's allocation", { volume: record.name, error: errorMessage(err) });
+    }
+    if (record.origin !== undefined) d.origin = record.origin;
+    return d;
+  }
+
+  async pool(): Promise<PoolDetail> {
+    const u = await this.o.pool.usage();
+    let volumes = 0;
+    let snapshots = 0;
+    for (const name of await this.o.records.names()) {
+      const record = await this.o.records.get(name).catch(() => undefined);
+      if (record?.state !== "ready") continue;
+      volumes++;
+      snapshots += readySnapshots(record).length;
+    }
+    return { ...u, minFreePercent: this.o.minFreePercent, volumes, snapshots };
+  }
+
+  async growPool(sizeBytes: number, progress: Progress = noProgress): Promise<PoolDetail> {
+    progress(`growing the ${this.o.pool.driver} pool to ${formatSize(sizeBytes)}`);
+    await this.o.pool.grow(sizeBytes);
+    this.o.log.info("pool grown", { driver: this.o.pool.driver, size: formatSize(sizeBytes) });
+    return this.pool();
+  }
+
+  async snapshots(rawVolume?: string): Promise<SnapshotDetail[]> {
+    const names = rawVolume === undefined ? await this.o.records.names() : [(await this.load(checkVolumeName(rawVolume))).name];
+    const out: SnapshotDetail[] = [];
+    for (const name of names) {
+      const record = await this.o.records.get(name).catch(() => undefined);
+      if (record?.state !== "ready") continue;
+      for (const entry of readySnapshots(record)) out.push(await this.snapshotDetail(name, entry));
+    }
+    return out;
+  }
+
+  private async snapshotDetail(volume: string, entry: SnapshotRecord): Promise<SnapshotDetail> {
+    const d: SnapshotDetail = { volume, name: entry.name, createdAt: entry.createdAt, sizeBytes: entry.sizeBytes };
+    try {
+      d.allocatedBytes = await this.o.pool.snapshotAllocatedBytes(volume, entry.name);
+    } catch (err) {
+      this.o.log.warn("cannot read a snapshot's allocation", { volume, snapshot: entry.name, error: errorMessage(err) });
+    }
+    return d;
+  }
+
   // ---- start-up ----------------------------------------------------------------
 
   /**
@@ -443,6 +741,37 @@ export class VolumeManager implements VolumeService {
       if (!known.has(orphan)) {
         this.o.log.warn("the pool holds a volume with no record; it is kept, not deleted", { volume: orphan });
       }
+    }
+    await this.reportSnapshotsWithoutRecord();
+  }
+
+  private async reportSnapshotsWithoutRecord(): Promise<void> {
+    for (const [volume, snaps] of await this.o.pool.snapshots()) {
+      const record = await this.o.records.get(volume).catch(() => undefined);
+      const known = new Set((record?.snapshots ?? []).map((x) => x.name));
+      for (const snap of snaps) {
+        if (!known.has(snap)) this.o.log.warn("the pool holds a snapshot with no record; it is kept, not deleted", { volume, snapshot: snap });
+      }
+    }
+  }
+
+  /** Finishes what a crash interrupted on a ready volume: snapshots half made or removed, a rollback, a resize. */
+  private async settleIntents(record: VolumeRecord): Promise<void> {
+    for (const entry of [...(record.snapshots ?? [])]) {
+      if (entry.state === "ready") continue;
+      this.o.log.warn(entry.state === "creating" ? "undoing a snapshot that was interrupted" : "finishing a snapshot remove that was interrupted", {
+        volume: record.name,
+        snapshot: entry.name,
+      });
+      await this.dropSnapshot(record, entry.name);
+    }
+    if (record.rollbackTo !== undefined) {
+      this.o.log.warn("finishing a rollback that was interrupted", { volume: record.name, snapshot: record.rollbackTo });
+      await this.finishRollback(record);
+    }
+    if (record.resizeTo !== undefined) {
+      this.o.log.warn("finishing a resize that was interrupted", { volume: record.name, to: formatSize(record.resizeTo) });
+      await this.finishResize(record, noProgress);
     }
   }
 
@@ -485,6 +814,7 @@ export class VolumeManager implements VolumeService {
         this.o.log.info("detaching a volume that no container uses", { volume: name });
         await this.o.pool.deactivate(name);
       }
+      await this.settleIntents(record);
     });
   }
 
@@ -497,6 +827,10 @@ export class VolumeManager implements VolumeService {
       // Not frozen: the usual case.
     }
   }
+}
+
+function readySnapshots(record: VolumeRecord): SnapshotRecord[] {
+  return (record.snapshots ?? []).filter((x) => x.state === "ready");
 }
 
 /** What the kernel held when start-up began. */

@@ -18,10 +18,32 @@ export const VolumeNameSchema = v.pipe(
   ),
 );
 
-export function checkVolumeName(name: unknown): string {
-  const result = v.safeParse(VolumeNameSchema, name);
-  if (!result.success) throw new InvalidRequestError(result.issues[0]?.message ?? "invalid volume name");
+/** Snapshot names follow the volume name rules. */
+export const SnapshotNameSchema = v.pipe(
+  v.string("the snapshot name must be a string"),
+  v.regex(
+    VOLUME_NAME_PATTERN,
+    (issue) =>
+      `invalid snapshot name ${quote(String(issue.input))}: use 1 to 96 letters, digits, '_', '.' or '-', starting with a letter or digit`,
+  ),
+);
+
+export function checkSnapshotName(name: unknown): string {
+  return checkName(SnapshotNameSchema, name);
+}
+
+/** Validates a name with `schema`; its first message becomes an InvalidRequestError. */
+export function checkName(schema: typeof VolumeNameSchema | typeof SnapshotNameSchema, name: unknown): string {
+  const result = v.safeParse(schema, name);
+  if (!result.success) throw new InvalidRequestError(result.issues[0]?.message ?? "invalid name");
   return result.output;
+}
+
+/** `from=VOLUME` or `from=VOLUME@SNAPSHOT`. */
+const FROM_PATTERN = /^([a-zA-Z0-9][a-zA-Z0-9_.-]{0,95})(?:@([a-zA-Z0-9][a-zA-Z0-9_.-]{0,95}))?$/;
+
+export function checkVolumeName(name: unknown): string {
+  return checkName(VolumeNameSchema, name);
 }
 
 export const ALLOWED_OPTIONS = ["size", "fs", "from", "uid", "gid", "mode", "mountopts"] as const;
@@ -59,6 +81,8 @@ export interface CreateOptions {
   sizeBytes?: number;
   fs?: FsType;
   from?: string;
+  /** With `from=VOLUME@SNAPSHOT`: the volume's snapshot to copy. */
+  fromSnapshot?: string;
   uid?: number;
   gid?: number;
   mode?: number;
@@ -92,7 +116,10 @@ const OptionsSchema = v.object(
     ),
     fs: v.optional(v.picklist(["ext4", "xfs"], (i) => `fs ${quote(String(i.input))} is not supported: use ext4 or xfs`)),
     from: v.optional(
-      v.pipe(v.string(), v.regex(VOLUME_NAME_PATTERN, (i) => `from ${quote(String(i.input))} is not a valid volume name`)),
+      v.pipe(
+        v.string(),
+        v.regex(FROM_PATTERN, (i) => `from ${quote(String(i.input))} is not a valid volume name, nor VOLUME@SNAPSHOT`),
+      ),
     ),
     uid: v.optional(idSchema("uid")),
     gid: v.optional(idSchema("gid")),
@@ -146,22 +173,29 @@ export function parseCreateOptions(volume: string, raw: Readonly<Record<string, 
   const options: CreateOptions = { mountOptions: o.mountopts ?? [] };
   if (o.size !== undefined) options.sizeBytes = o.size;
   if (o.fs !== undefined) options.fs = o.fs;
-  if (o.from !== undefined) options.from = o.from;
+  if (o.from !== undefined) {
+    const [, from, snapshot] = FROM_PATTERN.exec(o.from) ?? [];
+    if (from !== undefined) options.from = from;
+    if (snapshot !== undefined) options.fromSnapshot = snapshot;
+  }
   if (o.uid !== undefined) options.uid = o.uid;
   if (o.gid !== undefined) options.gid = o.gid;
   if (o.mode !== undefined) options.mode = o.mode;
-  if (o.from !== undefined && o.from === volume) {
+  if (options.from === volume && options.fromSnapshot === undefined) {
     throw new InvalidRequestError(`${what}: a volume cannot be a clone of itself`);
   }
   return options;
 }
 
 /** Checks a size against the filesystem's limits; returns it rounded up to whole 4 KiB blocks. */
-export function checkSize(volume: string, sizeBytes: number, fs: FsType): number {
+export function checkSize(volume: string, sizeBytes: number, fs: FsType, what = "create"): number {
   if (sizeBytes < MIN_SIZE[fs]) {
     throw new InvalidRequestError(
-      `cannot create volume ${quote(volume)}: size ${formatSize(sizeBytes)} is too small for ${fs}; the minimum is ${formatSize(MIN_SIZE[fs])}`,
+      `cannot ${what} volume ${quote(volume)}: size ${formatSize(sizeBytes)} is too small for ${fs}; the minimum is ${formatSize(MIN_SIZE[fs])}`,
     );
+  }
+  if (sizeBytes > MAX_SIZE) {
+    throw new InvalidRequestError(`cannot ${what} volume ${quote(volume)}: size ${formatSize(sizeBytes)} is over the maximum of ${formatSize(MAX_SIZE)}`);
   }
   return Math.ceil(sizeBytes / 4096) * 4096;
 }

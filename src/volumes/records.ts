@@ -25,6 +25,15 @@ const MountsV2Schema = v.pipe(
   v.transform((list) => new Map(list.map((m) => [m.id, m.count]))),
 );
 
+/** creating and removing are intents, as for a volume: start-up finishes or undoes them. */
+const SnapshotSchema = v.object({
+  name: v.pipe(v.string(), v.regex(VOLUME_NAME_PATTERN)),
+  state: v.picklist(["creating", "ready", "removing"]),
+  createdAt: v.string(),
+  /** The volume's size when the snapshot was taken: a rollback or a clone gets this size. */
+  sizeBytes: v.number(),
+});
+
 const fields = {
   name: v.pipe(v.string(), v.regex(VOLUME_NAME_PATTERN)),
   /** creating and removing are intents: start-up rolls them back or forward. */
@@ -37,6 +46,11 @@ const fields = {
   gid: v.optional(v.number()),
   mode: v.optional(v.number()),
   mountOptions: v.array(v.string()),
+  snapshots: v.optional(v.array(SnapshotSchema)),
+  /** Intent of a resize in flight: start-up grows the device and the filesystem to this size. */
+  resizeTo: v.optional(v.number()),
+  /** Intent of a rollback in flight: start-up finishes it. */
+  rollbackTo: v.optional(v.pipe(v.string(), v.regex(VOLUME_NAME_PATTERN))),
 };
 
 const RecordSchema = v.variant("version", [
@@ -47,6 +61,7 @@ const RecordSchema = v.variant("version", [
 const VERSION = 2;
 
 type Parsed = v.InferOutput<typeof RecordSchema>;
+export type SnapshotRecord = v.InferOutput<typeof SnapshotSchema>;
 
 /** A volume's record in memory: the file's version is the store's business. */
 export type VolumeRecord = Omit<Parsed, "version" | "mounts"> & {

@@ -1,3 +1,5 @@
+import type { PoolUsage } from "../pool/types.js";
+
 export interface VolumeInfo {
   name: string;
   /** Present only while the volume is mounted. */
@@ -18,4 +20,61 @@ export interface VolumeService {
   path(name: string): Promise<string | undefined>;
   get(name: string): Promise<VolumeInfo>;
   list(): Promise<VolumeSummary[]>;
+}
+
+/** Reports what a long operation is doing, for a person watching (the admin API streams it). */
+export type Progress = (message: string) => void;
+
+/** A volume as the admin API shows it: everything `thinvol ls` needs. */
+export interface VolumeDetail {
+  name: string;
+  createdAt: string;
+  sizeBytes: number;
+  filesystem: string;
+  mounted: boolean;
+  mountpoint?: string;
+  /** References held by containers. */
+  mounts: number;
+  /** Inside the filesystem, only while it is mounted. */
+  usedBytes?: number;
+  availableBytes?: number;
+  /** Blocks the pool holds for it. */
+  allocatedBytes?: number;
+  /** A volume name, or VOLUME@SNAPSHOT. */
+  origin?: string;
+  snapshots: string[];
+}
+
+export interface SnapshotDetail {
+  volume: string;
+  name: string;
+  createdAt: string;
+  sizeBytes: number;
+  allocatedBytes?: number;
+}
+
+/** The pool's figures (see PoolUsage) with the threshold and the counts. */
+export interface PoolDetail extends PoolUsage {
+  minFreePercent: number;
+  volumes: number;
+  snapshots: number;
+}
+
+export interface ResizeResult {
+  name: string;
+  previousSizeBytes: number;
+  sizeBytes: number;
+}
+
+/** What the admin API needs from the volume layer: the operations Docker's protocol cannot express. */
+export interface AdminService {
+  volumes(): Promise<VolumeDetail[]>;
+  volume(name: string): Promise<VolumeDetail>;
+  pool(): Promise<PoolDetail>;
+  resize(name: string, sizeBytes: number, progress?: Progress): Promise<ResizeResult>;
+  growPool(sizeBytes: number, progress?: Progress): Promise<PoolDetail>;
+  snapshots(volume?: string): Promise<SnapshotDetail[]>;
+  createSnapshot(volume: string, name: string, progress?: Progress): Promise<SnapshotDetail>;
+  removeSnapshot(volume: string, name: string, progress?: Progress): Promise<void>;
+  rollback(volume: string, snapshot: string, progress?: Progress): Promise<VolumeDetail>;
 }

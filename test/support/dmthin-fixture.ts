@@ -22,8 +22,11 @@ export interface StateOnDisk {
   blockSizeSectors: number;
   dataSizeBytes: number;
   metaSizeBytes: number;
-  volumes: Record<string, { id: number; sizeBytes: number }>;
+  volumes: Record<string, { id: number; sizeBytes: number; allocatedBytes?: number }>;
+  /** By `VOLUME@SNAPSHOT`. */
+  snapshots?: Record<string, { id: number; sizeBytes: number; allocatedBytes?: number }>;
   pending?: { op: string; name: string };
+  maxDataBytes?: number;
 }
 
 export class DmThinFixture {
@@ -69,13 +72,21 @@ export class DmThinFixture {
     return JSON.parse(await readFile(join(this.dir, "dmthin-state.json"), "utf8")) as StateOnDisk;
   }
 
-  /** Thin ids the pool's metadata holds, and the ids the state file knows: equal when nothing leaked or got lost. */
+  /** Thin ids the pool's metadata holds, and the ids the state file knows (volumes and snapshots): equal when nothing leaked or got lost. */
   async ids(): Promise<{ kernel: number[]; state: number[] }> {
     const s = await this.state();
     return {
       kernel: this.kernel.thinIds(this.metaFile),
-      state: [...Object.values(s.volumes).map((v) => v.id)].sort((a, b) => a - b),
+      state: [...Object.values(s.volumes), ...Object.values(s.snapshots ?? {})].map((v) => v.id).sort((a, b) => a - b),
     };
+  }
+
+  /** The data blocks a volume (or `VOLUME@SNAPSHOT`) maps, by the thin id the state file records: equal lists are the same data. */
+  async blocksOf(name: string): Promise<number[]> {
+    const s = await this.state();
+    const rec = name.includes("@") ? s.snapshots?.[name] : s.volumes[name];
+    if (!rec) throw new Error(`the state file has no ${name}`);
+    return this.kernel.mappedDataBlocks(this.metaFile, rec.id);
   }
 
   /** Commands run since `from` (an index into kernel.log). */

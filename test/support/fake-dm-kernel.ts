@@ -278,6 +278,7 @@ export class FakeDmKernel {
     const t = dev.live;
     if (t?.kind !== "thin") throw new Error(`${name} is not a thin device`);
     if (dev.suspended) throw new Error(`write to suspended ${name}`);
+    if (offsetBytes + lengthBytes > t.length * 512) throw new Error(`${name}: write beyond the end of the device (${t.length * 512} bytes)`);
     const pool = t.pool.live as PoolTable;
     const md = this.metaOf(pool);
     const map = md.thins.get(t.id);

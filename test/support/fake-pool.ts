@@ -20,6 +20,8 @@ const DEVICE_PREFIX = "/dev/fake/";
 export class FakePool implements Pool {
   readonly driver = "loop" as const;
   readonly volumes = new Map<string, FakeVolume>();
+  /** Snapshots by `volume@snapshot`: frozen copies of a volume. */
+  readonly snaps = new Map<string, FakeVolume>();
   readonly clones: { name: string; origin: string; options: CloneOptions }[] = [];
   dataTotalBytes = 100 * 1024 ** 3;
   dataUsedBytes = 0;
@@ -46,7 +48,7 @@ export class FakePool implements Pool {
     this.volumes.set(name, { size: sizeBytes, active: false, formatted: false, data: "" });
   }
   async clone(name: string, origin: string, options: CloneOptions = {}) {
-    const o = this.volumes.get(origin);
+    const o = options.snapshot === undefined ? this.volumes.get(origin) : this.snaps.get(`${origin}@${options.snapshot}`);
     if (!o) throw new Error(`no origin "${origin}"`);
     if (this.volumes.has(name)) throw new Error(`"${name}" exists`);
     this.take();
@@ -100,5 +102,52 @@ export class FakePool implements Pool {
     if (!v) throw new Error(`mkfs: ${device} does not exist`);
     v.formatted = true;
     v.data = "";
+  }
+
+  async resize(name: string, sizeBytes: number) {
+    const v = this.need(name);
+    if (sizeBytes < v.size) throw new Error(`cannot shrink "${name}"`);
+    v.size = sizeBytes;
+  }
+  async snapshot(volume: string, snapshot: string, options: CloneOptions = {}) {
+    const v = this.need(volume);
+    const key = `${volume}@${snapshot}`;
+    if (this.snaps.has(key)) throw new Error(`snapshot "${key}" exists`);
+    this.take();
+    this.clones.push({ name: key, origin: volume, options });
+    this.snaps.set(key, { ...v, active: false });
+  }
+  async snapshots() {
+    const out = new Map<string, string[]>();
+    for (const key of [...this.snaps.keys()].sort()) {
+      const [volume = "", snap = ""] = key.split("@");
+      out.set(volume, [...(out.get(volume) ?? []), snap]);
+    }
+    return out;
+  }
+  private needSnap(volume: string, snapshot: string) {
+    const s = this.snaps.get(`${volume}@${snapshot}`);
+    if (!s) throw new Error(`no snapshot "${volume}@${snapshot}" in the pool`);
+    return s;
+  }
+  async snapshotSizeOf(volume: string, snapshot: string) {
+    return this.needSnap(volume, snapshot).size;
+  }
+  async snapshotAllocatedBytes(volume: string, snapshot: string) {
+    this.needSnap(volume, snapshot);
+    return 0;
+  }
+  async removeSnapshot(volume: string, snapshot: string) {
+    this.snaps.delete(`${volume}@${snapshot}`);
+  }
+  async rollback(volume: string, snapshot: string) {
+    const v = this.need(volume);
+    if (v.active) throw new Error(`"${volume}" is attached`);
+    const s = this.needSnap(volume, snapshot);
+    Object.assign(v, { size: s.size, data: s.data, formatted: s.formatted });
+  }
+  async grow(sizeBytes: number) {
+    if (sizeBytes < this.dataTotalBytes) throw new Error("a pool only grows");
+    this.dataTotalBytes = sizeBytes;
   }
 }

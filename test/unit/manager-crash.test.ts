@@ -91,6 +91,38 @@ class CrashingPool implements Pool {
     this.c.step("pool.allocatedBytes");
     return this.inner.allocatedBytes(name);
   }
+  async resize(name: string, sizeBytes: number) {
+    this.c.step("pool.resize");
+    return this.inner.resize(name, sizeBytes);
+  }
+  async snapshot(volume: string, snapshot: string, options?: CloneOptions) {
+    this.c.step("pool.snapshot");
+    return this.inner.snapshot(volume, snapshot, options);
+  }
+  async snapshots() {
+    this.c.step("pool.snapshots");
+    return this.inner.snapshots();
+  }
+  async snapshotSizeOf(volume: string, snapshot: string) {
+    this.c.step("pool.snapshotSizeOf");
+    return this.inner.snapshotSizeOf(volume, snapshot);
+  }
+  async snapshotAllocatedBytes(volume: string, snapshot: string) {
+    this.c.step("pool.snapshotAllocatedBytes");
+    return this.inner.snapshotAllocatedBytes(volume, snapshot);
+  }
+  async removeSnapshot(volume: string, snapshot: string) {
+    this.c.step("pool.removeSnapshot");
+    return this.inner.removeSnapshot(volume, snapshot);
+  }
+  async rollback(volume: string, snapshot: string) {
+    this.c.step("pool.rollback");
+    return this.inner.rollback(volume, snapshot);
+  }
+  async grow(sizeBytes: number) {
+    this.c.step("pool.grow");
+    return this.inner.grow(sizeBytes);
+  }
 }
 
 class CrashingRunner implements Runner {
@@ -127,16 +159,23 @@ interface Host {
   pool: FakePool;
   mounts: MountEntry[];
   runner: FakeRunner;
+  /** Device path → the size its filesystem was made or grown to. */
+  fsSizes: Map<string, number>;
+  /** Whether the plugin may grow a mounted ext4 filesystem (CAP_SYS_RESOURCE). */
+  online: boolean;
 }
 
 async function newHost(): Promise<Host> {
   const dir = await mkdtemp(join(tmpdir(), "thinvol-crash-"));
   const pool = new FakePool();
-  const host: Host = { dir, pool, mounts: [], runner: new FakeRunner() };
+  const host: Host = { dir, pool, mounts: [], runner: new FakeRunner(), fsSizes: new Map(), online: true };
+  const fsSizes = host.fsSizes;
   // Like the kernel: mkfs formats the device, mount needs an active device with a filesystem.
   host.runner = new FakeRunner((cmd, args) => {
     const last = args[args.length - 1] ?? "";
     if (cmd.startsWith("mkfs.")) pool.format(last);
+    // The filesystem fills its device when made or grown: a device and a filesystem that disagree show here.
+    if (cmd.startsWith("mkfs.") || cmd === "resize2fs") fsSizes.set(last, pool.volumeAt(last)?.size ?? 0);
     if (cmd === "mount") {
       const device = args[args.length - 2] ?? "";
       const v = pool.volumeAt(device);
@@ -168,6 +207,7 @@ function managerOn(host: Host, crasher?: Crasher): VolumeManager {
     defaultFs: "ext4",
     minFreePercent: 5,
     readMounts: async () => host.mounts,
+    canGrowExt4Online: async () => host.online,
   });
 }
 
@@ -189,6 +229,10 @@ interface Scenario {
   refused?: RegExp;
   /** Data in the pool under this name that no record claims: it must outlive everything. */
   orphan?: string;
+  /** What "base" may hold after a crash (default: what it held before). */
+  baseData?: string[];
+  /** Checks of the scenario's own, after any crash and the start-up. */
+  check?(m: VolumeManager, host: Host, at: string): Promise<void>;
 }
 
 async function withBase(m: VolumeManager, host: Host, mountIds: string[] = []): Promise<void> {
@@ -330,6 +374,102 @@ const scenarios: Scenario[] = [
       assert.ok(await m.path("base"));
     },
   },
+  {
+    name: "resize of a mounted volume",
+    setup: (m, host) => withBase(m, host, ["c1"]),
+    run: (m) => m.resize("base", 128 * 1024 ** 2),
+    target: "base",
+    kind: "other",
+    async completed(m) {
+      assert.equal((await m.volume("base")).sizeBytes, 128 * 1024 ** 2);
+    },
+  },
+  {
+    name: "resize of an unmounted volume",
+    setup: (m, host) => withBase(m, host),
+    run: (m) => m.resize("base", 128 * 1024 ** 2),
+    target: "base",
+    kind: "other",
+    async completed(m) {
+      assert.equal((await m.get("base")).status["sizeBytes"], 128 * 1024 ** 2);
+    },
+  },
+  {
+    name: "resize of an unmounted ext4 volume, offline (no CAP_SYS_RESOURCE)",
+    async setup(m, host) {
+      host.online = false;
+      await withBase(m, host);
+    },
+    run: (m) => m.resize("base", 128 * 1024 ** 2),
+    target: "base",
+    kind: "other",
+    async completed(m, host) {
+      assert.equal((await m.volume("base")).sizeBytes, 128 * 1024 ** 2);
+      assert.ok(host.runner.lines().includes("e2fsck -f -p /dev/fake/base"));
+    },
+  },
+  {
+    name: "snapshot of a mounted volume",
+    setup: (m, host) => withBase(m, host, ["c1"]),
+    run: (m) => m.createSnapshot("base", "s1"),
+    target: "base",
+    kind: "other",
+    async completed(m, host) {
+      assert.deepEqual((await m.volume("base")).snapshots, ["s1"]);
+      assert.equal(host.pool.snaps.get("base@s1")?.data, PRECIOUS);
+    },
+  },
+  {
+    name: "snapshot remove",
+    async setup(m, host) {
+      await withBase(m, host);
+      await m.createSnapshot("base", "s1");
+    },
+    run: (m) => m.removeSnapshot("base", "s1"),
+    target: "base",
+    kind: "other",
+    async completed(m) {
+      assert.deepEqual(await m.snapshots(), []);
+    },
+  },
+  {
+    name: "rollback to a snapshot",
+    async setup(m, host) {
+      await withBase(m, host);
+      await m.createSnapshot("base", "s1");
+      const base = host.pool.volumes.get("base");
+      assert.ok(base);
+      base.data = "written after the snapshot";
+    },
+    run: (m) => m.rollback("base", "s1"),
+    target: "base",
+    kind: "other",
+    baseData: [PRECIOUS, "written after the snapshot"],
+    async completed(_m, host) {
+      assert.equal(host.pool.volumes.get("base")?.data, PRECIOUS);
+    },
+    async check(m) {
+      assert.deepEqual((await m.volume("base")).snapshots, ["s1"], "the snapshot outlives the rollback");
+    },
+  },
+  {
+    name: "clone of a snapshot",
+    async setup(m, host) {
+      await withBase(m, host, ["c1"]);
+      await m.createSnapshot("base", "s1");
+      const base = host.pool.volumes.get("base");
+      assert.ok(base);
+      base.data = "written after the snapshot";
+    },
+    run: (m) => m.create("copy", { from: "base@s1" }),
+    target: "copy",
+    kind: "create",
+    targetData: PRECIOUS,
+    baseData: ["written after the snapshot"],
+    async completed(m) {
+      assert.equal((await m.get("copy")).status["origin"], "base@s1");
+    },
+  },
 ];
 
 /** The invariants that hold after any crash and a start-up, with `m` the new manager. */
@@ -357,12 +497,22 @@ async function checkAfterRecovery(s: Scenario, m: VolumeManager, host: Host, at:
   for (const name of names) {
     const v = host.pool.volumes.get(name);
     assert.ok(v?.formatted, `${at}: "${name}" has no filesystem`);
-    if (name === "base" || (s.kind === "create" && s.targetData === PRECIOUS)) assert.equal(v.data, PRECIOUS, `${at}: the data of "${name}" changed`);
+    if (name === "base" && s.baseData) assert.ok(s.baseData.includes(v.data), `${at}: "base" holds ${JSON.stringify(v.data)}`);
+    else if (name === "base" || (s.kind === "create" && s.targetData === PRECIOUS)) assert.equal(v.data, PRECIOUS, `${at}: the data of "${name}" changed`);
+    const record = await records.get(name);
+    assert.equal(record?.sizeBytes, v.size, `${at}: the record of "${name}" and its device disagree on its size`);
+    assert.equal(host.fsSizes.get(`/dev/fake/${name}`) ?? v.size, v.size, `${at}: the filesystem of "${name}" does not fill its device`);
+    assert.equal(record?.resizeTo, undefined, `${at}: a resize of "${name}" is left unfinished`);
+    assert.equal(record?.rollbackTo, undefined, `${at}: a rollback of "${name}" is left unfinished`);
+    const snaps = (record?.snapshots ?? []).map((x) => `${x.state}:${x.name}`);
+    const inPool = ((await host.pool.snapshots()).get(name) ?? []).map((x) => `ready:${x}`);
+    assert.deepEqual(snaps, inPool, `${at}: the snapshots of "${name}" in its record and in the pool disagree`);
     const info = await m.get(name);
     const isMounted = mounted.has(m.mountpointOf(name));
     assert.equal(info.mountpoint !== undefined, isMounted, `${at}: Get of "${name}" disagrees with the mount table`);
     assert.equal(Number(info.status["mounts"]) > 0, isMounted, `${at}: the references of "${name}" do not match its mount`);
   }
+  await s.check?.(m, host, at);
   assert.deepEqual(
     host.pool.active().sort(),
     names.filter((n) => mounted.has(m.mountpointOf(n))),

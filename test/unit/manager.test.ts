@@ -121,11 +121,12 @@ describe("volume lifecycle", () => {
     assert.deepEqual(pool.clones[0]?.options, { originMountpoint: mp });
   });
 
-  test("creates are refused when the pool is short of space, naming the figures", async () => {
+  test("a create the pool refuses for space gives the pool's reason and leaves no record", async () => {
     const m = manager(10);
-    pool.dataUsedBytes = pool.dataTotalBytes * 0.95;
+    pool.failNext = 'cannot create volume "db": the loop pool has 5.0% free (5 GiB of 100 GiB), under MIN_FREE_SPACE=10%';
     await assert.rejects(m.create("db", null), /cannot create volume "db": the loop pool has 5.0% free \(5 GiB of 100 GiB\), under MIN_FREE_SPACE=10%/);
     assert.deepEqual(await records.names(), []);
+    assert.deepEqual(await pool.list(), []);
   });
 
   test("one mount ID twice and a second ID share one mount; the last unmount tears it down", async () => {

@@ -1,12 +1,12 @@
 import { join } from "node:path";
-import { InvalidRequestError, ThinvolError } from "../../errors.js";
+import { ConflictError, InvalidRequestError, NotFoundError, ThinvolError } from "../../errors.js";
 import { KeyedLock } from "../../locks.js";
 import type { Logger } from "../../log.js";
 import { formatSize } from "../../size.js";
 import { realBlockDevices, type BlockDevices } from "../../system/blockdev.js";
 import type { Runner } from "../../system/runner.js";
 import { realHostSpace, type HostSpace } from "../host-space.js";
-import { saveState, type PoolState } from "./state.js";
+import { saveState, snapshotKey, type PoolState, type SnapshotRecord, type VolumeRecord } from "./state.js";
 
 export interface DmThinOptions {
   runner: Runner;
@@ -130,6 +130,26 @@ export class DmThinContext {
   get openState(): PoolState {
     if (!this.state) throw new ThinvolError(`dm-thin pool ${this.poolName} is not open`);
     return this.state;
+  }
+
+  /** The volume's record; NotFoundError naming it when there is none. */
+  volume(name: string): VolumeRecord {
+    const vol = this.openState.volumes.get(name);
+    if (!vol) throw new NotFoundError(`no thin volume "${name}" in pool ${this.poolName}`);
+    return vol;
+  }
+
+  /** The snapshot's record; NotFoundError naming both when there is none. */
+  snapshot(volume: string, snapshot: string): SnapshotRecord {
+    const snap = this.openState.snapshots.get(snapshotKey(volume, snapshot));
+    if (!snap) throw new NotFoundError(`no snapshot "${snapshot}" of thin volume "${volume}" in pool ${this.poolName}`);
+    return snap;
+  }
+
+  /** Refuses a name a new volume cannot take. */
+  checkNewName(name: string): void {
+    if (name === "pool") throw new InvalidRequestError(`volume name "pool" is reserved by the dm-thin driver (its device would clash with ${this.poolName})`);
+    if (this.openState.volumes.has(name)) throw new ConflictError(`thin volume "${name}" already exists in pool ${this.poolName}`);
   }
 
   async save(): Promise<void> {

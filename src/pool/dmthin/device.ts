@@ -92,7 +92,7 @@ export function deviceLength(ctx: Locked, state: PoolState, device: DataDevice):
     );
   }
   if (recorded && device.sizeBytes > recorded.sizeBytes) {
-    ctx.log.info("POOL_DEVICE is larger than when the pool was made; the pool keeps its length (growing a pool on a device is not supported yet)", {
+    ctx.log.info("POOL_DEVICE is larger than the pool's length; the pool keeps its length until it is grown", {
       pool: ctx.poolName,
       device: device.path,
       size: formatSize(device.sizeBytes),

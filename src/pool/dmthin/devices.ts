@@ -4,6 +4,7 @@ import {
   deviceInfo,
   dmPath,
   listDevices,
+  loadTable,
   makeNodes,
   removeDevice,
   resumeDevice,
@@ -22,7 +23,16 @@ import type { VolumeRecord } from "./state.js";
  */
 
 /** What is at a volume's device name: nothing, this pool's thin device of that volume, or something else. */
-export type Occupant = { kind: "absent" } | { kind: "ours"; dev: DmDevice } | { kind: "foreign"; dev: DmDevice; table: string };
+export type Occupant = { kind: "absent" } | { kind: "ours"; dev: DmDevice; lengthBytes: number } | { kind: "foreign"; dev: DmDevice; table: string };
+
+/**
+ * The lengths the volume's own device may have: its recorded size, and during an
+ * interrupted resize (journalled, not yet recorded) the size it is growing to as well.
+ */
+function ownLengths(ctx: DmThinContext, name: string, vol: VolumeRecord): number[] {
+  const p = ctx.state?.pending;
+  return p?.op === "resize" && p.name === name && p.id === vol.id ? [vol.sizeBytes, p.fromBytes, p.toBytes] : [vol.sizeBytes];
+}
 
 /** Whether the device at a volume's name is exactly this pool's thin device of that volume. */
 export async function occupant(ctx: DmThinContext, name: string, vol: VolumeRecord | undefined): Promise<Occupant> {
@@ -30,7 +40,10 @@ export async function occupant(ctx: DmThinContext, name: string, vol: VolumeReco
   const dev = await deviceInfo(ctx.runner, devName);
   if (!dev) return { kind: "absent" };
   const table = (await tableOf(ctx.runner, devName)).trim().split(/\s+/).join(" ");
-  if (vol && ctx.poolDevice !== "" && table === thinTable(vol.sizeBytes / 512, ctx.poolDevice, vol.id)) return { kind: "ours", dev };
+  if (vol && ctx.poolDevice !== "") {
+    const length = ownLengths(ctx, name, vol).find((bytes) => table === thinTable(bytes / 512, ctx.poolDevice, vol.id));
+    if (length !== undefined) return { kind: "ours", dev, lengthBytes: length };
+  }
   return { kind: "foreign", dev, table };
 }
 
@@ -81,6 +94,27 @@ export async function snapshotSuspended(ctx: Locked, originDev: string, snapshot
     throw new ThinvolError(`cannot resume origin device ${originDev} after the snapshot${snapError ? ` (the snapshot also failed: ${errorMessage(snapError)})` : ""}: ${errorMessage(err)}`, { cause: err });
   }
   if (snapError) throw snapError;
+}
+
+/**
+ * Brings the volume's own, active device to `lengthBytes`: loads the longer table and swaps it
+ * in (suspend, resume), so a filesystem on it sees the new size at once. A device left
+ * suspended is resumed; one already that long is left alone.
+ */
+export async function setDeviceLength(ctx: Locked, name: string, vol: VolumeRecord, lengthBytes: number): Promise<void> {
+  const o = await occupant(ctx, name, vol);
+  if (o.kind !== "ours") return;
+  const devName = o.dev.name;
+  if (o.lengthBytes === lengthBytes) {
+    if (o.dev.suspended) await resumeDevice(ctx.runner, devName);
+    return;
+  }
+  await loadTable(ctx.runner, devName, thinTable(lengthBytes / 512, ctx.poolDevice, vol.id));
+  try {
+    await suspendDevice(ctx.runner, devName);
+  } finally {
+    await resumeDevice(ctx.runner, devName);
+  }
 }
 
 function inUse(devName: string, dev: DmDevice): ConflictError {

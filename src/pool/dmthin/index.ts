@@ -2,13 +2,16 @@ import { CommandError, ConflictError, InvalidRequestError, NoSpaceError, NotFoun
 import { formatSize } from "../../size.js";
 import { dmFailureReason, listDevices, sendMessage, thinStatus } from "../../system/dmsetup.js";
 import type { CloneOptions, Pool, PoolUsage } from "../types.js";
+import { growPool } from "./capacity.js";
 import { DmThinContext, type DmThinOptions, type Locked } from "./context.js";
 import { activateDevice, deactivateDevice, ownDevice, snapshotSuspended, tearDownForRemove } from "./devices.js";
 import { GrowthTimer, growLocked } from "./growth.js";
 import { allocateId, commitJournalled, deleteThinId, dropJournal, journal, setTransactionId, settlePending } from "./journal.js";
 import { closePool, openPool } from "./open.js";
+import { resizeVolume } from "./resize.js";
+import { cloneSnapshot, deleteSnapshot, rollbackVolume, snapshotsByVolume, takeSnapshot } from "./snapshots.js";
 import { checkSpace, usage } from "./space.js";
-import type { Pending, VolumeRecord } from "./state.js";
+import type { Pending } from "./state.js";
 
 export type { DmThinOptions } from "./context.js";
 export { dmThinAvailable } from "./probe.js";
@@ -18,10 +21,11 @@ export { dmThinAvailable } from "./probe.js";
  * file, each file on a loop device, joined into a thin-pool device; each volume is a thin
  * device in it.
  *
- * Its parts: the journal that makes create, clone and remove crash-safe (journal.ts),
- * the volumes' devices (devices.ts), bring-up and close (open.ts), host-space growth
- * (growth.ts), a data device's checks (device.ts) and the free-space rule (space.ts). All share one context (context.ts);
- * whatever changes the pool runs under its lock.
+ * Its parts: the journal that makes every change crash-safe (journal.ts), the volumes'
+ * devices (devices.ts), snapshots and rollback (snapshots.ts), resize (resize.ts), bring-up
+ * and close (open.ts), host-space growth (growth.ts), the pool's maximum (capacity.ts), a
+ * data device's checks (device.ts) and the free-space rule (space.ts). All share one
+ * context (context.ts); whatever changes the pool runs under its lock.
  */
 export class DmThinPool implements Pool {
   readonly driver = "dm-thin" as const;
@@ -83,17 +87,6 @@ export class DmThinPool implements Pool {
     return new ThinvolError(msg, { cause: err });
   }
 
-  private checkNewName(name: string): void {
-    if (name === "pool") throw new InvalidRequestError(`volume name "pool" is reserved by the dm-thin driver (its device would clash with ${this.ctx.poolName})`);
-    if (this.ctx.openState.volumes.has(name)) throw new ConflictError(`thin volume "${name}" already exists in pool ${this.ctx.poolName}`);
-  }
-
-  private volume(name: string): VolumeRecord {
-    const vol = this.ctx.openState.volumes.get(name);
-    if (!vol) throw new NotFoundError(`no thin volume "${name}" in pool ${this.ctx.poolName}`);
-    return vol;
-  }
-
   async list(): Promise<string[]> {
     return [...this.ctx.openState.volumes.keys()].sort();
   }
@@ -104,12 +97,12 @@ export class DmThinPool implements Pool {
   }
 
   async sizeOf(name: string): Promise<number> {
-    return this.volume(name).sizeBytes;
+    return this.ctx.volume(name).sizeBytes;
   }
 
   create(name: string, sizeBytes: number): Promise<void> {
     return this.underLock("create", name, async (ctx, started) => {
-      this.checkNewName(name);
+      ctx.checkNewName(name);
       if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 512 || sizeBytes % 512 !== 0) {
         throw new InvalidRequestError(`cannot create thin volume "${name}": size ${sizeBytes} is not a positive multiple of 512 bytes`);
       }
@@ -126,13 +119,21 @@ export class DmThinPool implements Pool {
     });
   }
 
-  clone(name: string, origin: string, _options?: CloneOptions): Promise<void> {
+  clone(name: string, origin: string, options: CloneOptions = {}): Promise<void> {
+    const { snapshot } = options;
+    if (snapshot !== undefined) {
+      const what = `clone snapshot "${snapshot}" of "${origin}" as`;
+      return this.underLock(what, name, async (ctx, started) => {
+        const id = await cloneSnapshot(ctx, name, origin, snapshot, what);
+        ctx.log.info("dm-thin clone", { volume: name, origin, snapshot, id, ms: Date.now() - started });
+      });
+    }
     // The origin device is suspended for the snapshot, which freezes a filesystem
     // mounted on it, so the mountpoint is not needed.
     const what = `clone "${origin}" as`;
     return this.underLock(what, name, async (ctx, started) => {
-      const from = this.volume(origin);
-      this.checkNewName(name);
+      const from = ctx.volume(origin);
+      ctx.checkNewName(name);
       await checkSpace(ctx, name, what);
       // Checked before anything is written: a foreign device is never suspended.
       const originActive = (await ownDevice(ctx, origin, from)) !== undefined;
@@ -152,7 +153,7 @@ export class DmThinPool implements Pool {
   }
 
   activate(name: string): Promise<string> {
-    return this.underLock("activate", name, (ctx) => activateDevice(ctx, name, this.volume(name)));
+    return this.underLock("activate", name, (ctx) => activateDevice(ctx, name, ctx.volume(name)));
   }
 
   deactivate(name: string): Promise<void> {
@@ -163,6 +164,10 @@ export class DmThinPool implements Pool {
     return this.underLock("remove", name, async (ctx, started) => {
       const vol = ctx.openState.volumes.get(name);
       if (!vol) return;
+      const snapshots = snapshotsByVolume(ctx.openState).get(name);
+      if (snapshots) {
+        throw new ConflictError(`thin volume "${name}" has ${snapshots.length === 1 ? "a snapshot" : `${snapshots.length} snapshots`} (${snapshots.map((n) => `"${n}"`).join(", ")}); remove ${snapshots.length === 1 ? "it" : "them"} first`);
+      }
       const T = ctx.openState.transactionId;
       const p: Pending = { op: "remove", name, id: vol.id, fromTransaction: T };
       await journal(ctx, p);
@@ -186,7 +191,7 @@ export class DmThinPool implements Pool {
   }
 
   async allocatedBytes(name: string): Promise<number> {
-    const vol = this.volume(name);
+    const vol = this.ctx.volume(name);
     const devName = this.ctx.deviceName(name);
     try {
       if (await ownDevice(this.ctx, name, vol)) vol.allocatedBytes = (await thinStatus(this.ctx.runner, devName)).mappedSectors * 512;
@@ -194,5 +199,65 @@ export class DmThinPool implements Pool {
       throw this.failure("read the allocation of", name, err);
     }
     return vol.allocatedBytes ?? 0;
+  }
+
+  resize(name: string, sizeBytes: number): Promise<void> {
+    return this.underLock("resize", name, async (ctx, started) => {
+      const { fromBytes, deviceGrown } = await resizeVolume(ctx, name, sizeBytes);
+      if (fromBytes === sizeBytes) return;
+      ctx.log.info("dm-thin resize", { volume: name, from: formatSize(fromBytes), to: formatSize(sizeBytes), deviceGrown, ms: Date.now() - started });
+    });
+  }
+
+  snapshot(volume: string, snapshot: string, _options?: CloneOptions): Promise<void> {
+    // As for a clone, the device is suspended, which freezes a mounted filesystem.
+    const what = `take snapshot "${snapshot}" of`;
+    return this.underLock(what, volume, async (ctx, started) => {
+      const { id, originWasActive } = await takeSnapshot(ctx, volume, snapshot, what);
+      ctx.log.info("dm-thin snapshot", { volume, snapshot, id, originWasActive, ms: Date.now() - started });
+    });
+  }
+
+  async snapshots(): Promise<Map<string, string[]>> {
+    return snapshotsByVolume(this.ctx.openState);
+  }
+
+  async snapshotSizeOf(volume: string, snapshot: string): Promise<number> {
+    return this.ctx.snapshot(volume, snapshot).sizeBytes;
+  }
+
+  async snapshotAllocatedBytes(volume: string, snapshot: string): Promise<number> {
+    return this.ctx.snapshot(volume, snapshot).allocatedBytes ?? 0;
+  }
+
+  removeSnapshot(volume: string, snapshot: string): Promise<void> {
+    const what = `remove snapshot "${snapshot}" of`;
+    return this.underLock(what, volume, async (ctx, started) => {
+      const id = await deleteSnapshot(ctx, volume, snapshot);
+      if (id !== undefined) ctx.log.info("dm-thin snapshot removed", { volume, snapshot, id, ms: Date.now() - started });
+    });
+  }
+
+  rollback(volume: string, snapshot: string): Promise<void> {
+    const what = `restore snapshot "${snapshot}" to`;
+    return this.underLock(what, volume, async (ctx, started) => {
+      const { id, oldId } = await rollbackVolume(ctx, volume, snapshot);
+      ctx.log.info("dm-thin rollback", { volume, snapshot, id, oldId, ms: Date.now() - started });
+    });
+  }
+
+  grow(sizeBytes: number): Promise<void> {
+    return this.ctx.withLock(async (ctx) => {
+      const started = Date.now();
+      try {
+        await settlePending(ctx);
+        const before = await growPool(ctx, sizeBytes);
+        if (before === ctx.poolMaxBytes) return;
+        ctx.log.info("dm-thin pool maximum raised", { pool: ctx.poolName, from: formatSize(before), to: formatSize(ctx.poolMaxBytes), ms: Date.now() - started });
+      } catch (err) {
+        if (err instanceof ThinvolError && !(err instanceof CommandError) && err.message.includes(ctx.poolName)) throw err;
+        throw new ThinvolError(`cannot grow dm-thin pool ${ctx.poolName} to ${formatSize(sizeBytes)}: ${errorMessage(err)}`, { cause: err });
+      }
+    });
   }
 }

@@ -45,6 +45,14 @@ export async function openPool(ctx: Locked): Promise<void> {
   }
 
   let poolMax = device ? deviceLength(ctx, state, device) : Math.floor(ctx.wantDataBytes / blockBytes) * blockBytes;
+  if (!device && state.maxDataBytes !== undefined && poolMax < state.maxDataBytes) {
+    ctx.log.warn("POOL_SIZE is smaller than the size the pool was grown to at run time; keeping that (a pool never shrinks)", {
+      pool: ctx.poolName,
+      size: formatSize(state.maxDataBytes),
+      asked: formatSize(poolMax),
+    });
+    poolMax = state.maxDataBytes;
+  }
   if (poolMax < state.dataSizeBytes) {
     ctx.log.warn("dm-thin pool cannot shrink; keeping its size", { pool: ctx.poolName, size: formatSize(state.dataSizeBytes), asked: formatSize(poolMax) });
     poolMax = state.dataSizeBytes;
@@ -216,8 +224,10 @@ async function initState(ctx: Locked, device: DataDevice | undefined): Promise<P
     transactionId: 0,
     nextId: 1,
     volumes: new Map(),
+    snapshots: new Map(),
     pending: undefined,
     dataDevice: device ? { setting: device.setting, path: device.path, sizeBytes: device.sizeBytes, ids: device.ids } : undefined,
+    maxDataBytes: undefined,
   };
   if (device && device.ids.length === 0) {
     ctx.log.warn("POOL_DEVICE has no /dev/disk/by-id name: should kernel names move between boots, only its size would tell it from another disk", {
