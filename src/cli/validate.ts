@@ -1,0 +1,55 @@
+import * as v from "valibot";
+import { quote } from "../errors.js";
+import { parseSize } from "../size.js";
+import { VOLUME_NAME_PATTERN } from "../volumes/options.js";
+
+/** Validators for what the user types: each message names the argument and says what is allowed. */
+export type ArgSchema = v.GenericSchema<string, string>;
+
+const nameSchema = (what: string): ArgSchema =>
+  v.pipe(
+    v.string(),
+    v.regex(
+      VOLUME_NAME_PATTERN,
+      (i) => `invalid ${what} name ${quote(String(i.input))}: use 1 to 96 letters, digits, '_', '.' or '-', starting with a letter or digit`,
+    ),
+  );
+
+export const VolumeName = nameSchema("volume");
+/** Snapshot names follow the volume name rules (docs/admin-api.md). */
+export const SnapshotName = nameSchema("snapshot");
+
+/**
+ * A size as the API takes it (`20G`, `512M`, a number of bytes). Checked here so a typo
+ * is a usage error before any request; sent on as typed, so the plugin's own messages
+ * quote what the user wrote.
+ */
+export const Size: ArgSchema = v.pipe(
+  v.string(),
+  v.check(
+    (s) => (parseSize(s) ?? 0) > 0,
+    (i) => `invalid size ${quote(String(i.input))}: use a number larger than 0 with an optional unit, such as 512M, 20G or 1T`,
+  ),
+);
+
+/**
+ * A Docker plugin reference (`thinvol`, `user/thinvol:1.2`, `registry:5000/thinvol`).
+ * It becomes part of an Engine API path, so characters that would change the path
+ * (`?`, `#`, `%`, spaces) are refused.
+ */
+export const PluginName: ArgSchema = v.pipe(
+  v.string(),
+  v.regex(
+    /^[a-zA-Z0-9][a-zA-Z0-9._\-/:@]{0,254}$/,
+    (i) => `invalid plugin name ${quote(String(i.input))}: use a plugin reference such as thinvol or user/thinvol:1.0`,
+  ),
+  v.check((s) => !s.split("/").includes(".."), (i) => `invalid plugin name ${quote(String(i.input))}`),
+);
+
+export const SocketPath: ArgSchema = v.pipe(v.string(), v.nonEmpty("--socket needs the path of the admin socket"));
+
+/** The value, or the first problem's message. */
+export function check(schema: ArgSchema, value: string): { ok: true; value: string } | { ok: false; message: string } {
+  const result = v.safeParse(schema, value);
+  return result.success ? { ok: true, value: result.output } : { ok: false, message: result.issues[0]?.message ?? `invalid value ${quote(value)}` };
+}
