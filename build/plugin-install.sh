@@ -54,6 +54,13 @@ else
   run npm run --silent plugin
 fi
 
+# A plugin of another architecture would install, then fail to start with "exec format error".
+plugin_arch=$(sed -n 's/^ARCH=//p' plugin/rootfs/etc/thinvol-release 2>/dev/null || true)
+engine_arch=$(docker version --format '{{.Server.Arch}}')
+if [[ -n $plugin_arch && $plugin_arch != "$engine_arch" ]]; then
+  die "plugin/ holds a linux/$plugin_arch plugin and the engine runs on $engine_arch: build it with PLUGIN_ARCH=$engine_arch npm run plugin"
+fi
+
 # `docker plugin inspect` fails when the plugin does not exist; that is the only
 # check needed, so its message is not shown.
 if docker plugin inspect --format '{{.Name}}' "$plugin_name" >/dev/null 2>&1; then

@@ -34,6 +34,11 @@ export class StateDirTakenError extends ThinvolError {
   override name = "StateDirTakenError";
 }
 
+/** STATE_DIR holds a pool in a newer format than this version reads: it must not touch it. */
+export class StateFormatError extends ThinvolError {
+  override name = "StateFormatError";
+}
+
 /** A system command failed; the message carries the command and its stderr. */
 export class CommandError extends ThinvolError {
   override name = "CommandError";

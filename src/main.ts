@@ -1,16 +1,24 @@
+import type { Server } from "node:http";
 import { join } from "node:path";
+import { createAdminApp } from "./api/admin.js";
 import { createApp } from "./api/app.js";
-import { StateDirTakenError, ThinvolError, errorMessage } from "./errors.js";
+import { StateDirTakenError, StateFormatError, ThinvolError, errorMessage } from "./errors.js";
 import { createLogger } from "./log.js";
+import { RequestMetrics } from "./metrics.js";
 import { selectPool } from "./pool/select.js";
 import type { Pool } from "./pool/types.js";
 import { closeServer, listenOnSocket } from "./server.js";
 import { SettingsError, loadSettings } from "./settings.js";
+import { checkStateFormat } from "./state-format.js";
 import { claimStateDir } from "./system/flock.js";
 import { ExecaRunner } from "./system/runner.js";
 import { DeferredVolumeService } from "./volumes/deferred.js";
 import { VolumeManager } from "./volumes/manager.js";
 import { RecordStore } from "./volumes/records.js";
+import { VERSION } from "./version.js";
+
+/** The admin API's socket, in STATE_DIR: the host reaches it through the state mount. */
+const ADMIN_SOCKET = "admin.sock";
 
 async function main(): Promise<void> {
   let settings;
@@ -26,10 +34,12 @@ async function main(): Promise<void> {
   const log = createLogger(settings.LOG_LEVEL);
   const runner = new ExecaRunner();
   const service = new DeferredVolumeService();
+  const metrics = new RequestMetrics();
 
   // Docker gives a plugin about 9 s to open its socket: bind first, recover after.
-  const server = await listenOnSocket(createApp(service, log), settings.SOCKET_PATH);
-  log.info("listening", { socket: settings.SOCKET_PATH });
+  const server = await listenOnSocket(createApp(service, log, metrics), settings.SOCKET_PATH);
+  log.info("listening", { version: VERSION, socket: settings.SOCKET_PATH });
+  let admin: Server | undefined;
 
   let pool: Pool | undefined;
   let stopping = false;
@@ -37,7 +47,7 @@ async function main(): Promise<void> {
     if (stopping) return;
     stopping = true;
     log.info("stopping: finishing requests in flight; volumes stay as they are", { signal });
-    await closeServer(server);
+    await Promise.all([closeServer(server), admin && closeServer(admin)]);
     try {
       await pool?.close();
     } catch (err) {
@@ -53,6 +63,13 @@ async function main(): Promise<void> {
     const started = performance.now();
     // Before anything touches the pool: two instances on one STATE_DIR would corrupt it.
     await claimStateDir(runner, settings.STATE_DIR);
+    // Before anything reads the pool: a newer version's state is left alone (a downgrade too far).
+    await checkStateFormat(settings.STATE_DIR, VERSION);
+    // The admin API, for the thinvol command on the host (root only; Docker never calls it).
+    // Bound only once STATE_DIR is this process's, so a second instance cannot take it over.
+    const adminSocket = join(settings.STATE_DIR, ADMIN_SOCKET);
+    admin = await listenOnSocket(createAdminApp(() => service.admin(), log, metrics), adminSocket, 0o600);
+    log.info("admin API listening", { socket: adminSocket });
     pool = await selectPool({
       runner,
       stateDir: settings.STATE_DIR,
@@ -86,7 +103,7 @@ async function main(): Promise<void> {
   } catch (err) {
     // Keep serving so that Docker shows the reason on every call instead of a dead socket.
     const reason =
-      err instanceof StateDirTakenError ? err : new ThinvolError(`thinvol could not start its pool: ${errorMessage(err)}`, { cause: err });
+      err instanceof StateDirTakenError || err instanceof StateFormatError ? err : new ThinvolError(`thinvol could not start its pool: ${errorMessage(err)}`, { cause: err });
     log.error("start-up failed", { error: errorMessage(err) });
     service.fail(reason);
   }

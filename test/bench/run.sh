@@ -129,24 +129,6 @@ pgbench_tps() {
   printf '%.0f' "${tps:-0}"
 }
 
-# Builds the PostgreSQL image from Debian packages (no registry needed), cached as a tarball.
-pg_image_import() {
-  docker image inspect "$pg_image" >/dev/null 2>&1 && return 0
-  local cache=/var/cache/thinvol-bench/postgres-15.tar
-  if [[ ! -s $cache ]]; then
-    command -v mmdebstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap </dev/null >/dev/null
-    mkdir -p "$(dirname "$cache")"
-    log "building the PostgreSQL 15 image with mmdebstrap (once; cached in $cache)"
-    local -a aptopts=()
-    local f
-    for f in /etc/apt/apt.conf.d/*; do aptopts+=(--aptopt="$f"); done
-    local sources=/etc/apt/sources.list.d/debian.sources
-    [[ -f $sources ]] || sources=/etc/apt/sources.list
-    mmdebstrap --quiet --format=tar --variant=apt --include=postgresql-15 "${aptopts[@]}" bookworm "$cache.partial" "$sources" >/dev/null
-    mv "$cache.partial" "$cache"
-  fi
-  docker import --change 'ENV PATH=/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin' "$cache" "$pg_image" >/dev/null
-}
 
 plugin_rss_mib() {
   local pid
@@ -216,7 +198,7 @@ for tool in fio jq; do
   command -v "$tool" >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" </dev/null >/dev/null
 done
 engine_fresh_start
-pg_image_import
+engine_import_postgres "$pg_image"
 log "installing the plugin as $plugin (POOL_DRIVER=$pool_driver POOL_SIZE=$pool_size)"
 PLUGIN_NAME=$plugin bash build/plugin-install.sh \
   "state.source=$E2E_DATA_ROOT/plugins" "POOL_DRIVER=$pool_driver" "POOL_SIZE=$pool_size" >/dev/null

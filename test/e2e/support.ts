@@ -5,7 +5,9 @@
  * on the host (the `sh -c` scripts run inside the test containers).
  */
 import { randomBytes } from "node:crypto";
-import { readdir, stat } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { open, readFile, readdir, stat } from "node:fs/promises";
+import { request as httpRequest } from "node:http";
 import { join, relative } from "node:path";
 import { execa } from "execa";
 
@@ -159,3 +161,183 @@ export async function restartEngine(): Promise<void> {
 }
 
 export const MiB = 1024 * 1024;
+
+/**
+ * The registry side, set by test/e2e/run.sh when it installed the plugin from a registry
+ * (E2E_INSTALL=registry); undefined when it used `docker plugin create`.
+ */
+export const registry = (() => {
+  const repository = process.env["E2E_REPOSITORY"];
+  if (repository === undefined || repository === "") return undefined;
+  return {
+    /** 127.0.0.1:PORT/thinvol */
+    repository,
+    /** This version (package.json's), installed by run.sh. */
+    version: required("E2E_VERSION"),
+    /** The next version, a pre-release, pushed for the host's architecture only. */
+    nextVersion: required("E2E_NEXT_VERSION"),
+    /** The file where run.sh listed every REPOSITORY:TAG build/plugin-push.sh pushed. */
+    pushedTagsFile: required("E2E_PUSHED_TAGS"),
+    /** The state mount's source given to the install. */
+    stateSource: required("E2E_STATE_SOURCE"),
+    /** An offline PostgreSQL 15 image (test/e2e/engine.sh engine_import_postgres). */
+    pgImage: required("E2E_PG_IMAGE"),
+    /** The engine's log, where the plugin's output goes. */
+    engineLog: required("E2E_LOG"),
+  };
+})();
+
+/** Why a registry scenario is skipped, for `test(..., { skip })`. */
+export const noRegistry = registry === undefined ? "the plugin was installed with docker plugin create (E2E_INSTALL=create)" : false;
+
+interface PluginMount {
+  Name: string;
+  Source: string | null;
+}
+
+export interface PluginInspect {
+  Id: string;
+  Name: string;
+  PluginReference: string;
+  Enabled: boolean;
+  Settings: { Env: string[]; Mounts: PluginMount[] };
+  Config: { Mounts: PluginMount[] };
+}
+
+export async function inspectPlugin(name: string = env.plugin): Promise<PluginInspect> {
+  const parsed = JSON.parse(await dockerOk(["plugin", "inspect", name])) as PluginInspect[];
+  const first = parsed[0];
+  if (first === undefined) throw new Error(`docker plugin inspect ${name} returned nothing`);
+  return first;
+}
+
+/**
+ * The host directory Docker really mounts as the plugin's state: the config's mount, which
+ * `docker plugin set` changes and `docker plugin upgrade` puts back to the new version's
+ * default (Settings.Mounts keeps showing the old value).
+ */
+export function stateSourceOf(plugin: PluginInspect): string | null | undefined {
+  return plugin.Config.Mounts.find((m) => m.Name === "state")?.Source;
+}
+
+/** The plugin's rootfs on the host, as Docker unpacked it from the registry. */
+export async function pluginRootfs(plugin: PluginInspect): Promise<string> {
+  const dataRoot = await dockerOk(["info", "--format", "{{.DockerRootDir}}"]);
+  return join(dataRoot, "plugins", plugin.Id, "rootfs");
+}
+
+/** VERSION, ARCH and NODE from a plugin rootfs's /etc/thinvol-release (build/plugin.sh). */
+export async function releaseOf(rootfs: string): Promise<Record<string, string>> {
+  const text = await readFile(join(rootfs, "etc", "thinvol-release"), "utf8");
+  return Object.fromEntries(text.split("\n").filter((l) => l.includes("=")).map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]));
+}
+
+/** The architecture an ELF file was built for, from its header's e_machine field. */
+export async function elfArch(path: string): Promise<string> {
+  const handle = await open(path, "r");
+  try {
+    const header = Buffer.alloc(20);
+    await handle.read(header, 0, 20, 0);
+    if (header.toString("latin1", 1, 4) !== "ELF") throw new Error(`${path} is not an ELF file`);
+    const machine = header.readUInt16LE(18);
+    return ({ 0x3e: "amd64", 0xb7: "arm64" } as Record<number, string>)[machine] ?? `e_machine ${machine}`;
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * The code block that follows `marker` (an HTML comment) in the README: examples the
+ * README shows are run as shown.
+ */
+export async function readmeBlock(marker: string): Promise<string> {
+  const text = await readFile(join(import.meta.dirname, "..", "..", "README.md"), "utf8");
+  const at = text.indexOf(marker);
+  if (at < 0) throw new Error(`README.md has no ${marker}`);
+  const block = /```[a-z]*\n([\s\S]*?)```/.exec(text.slice(at));
+  if (block?.[1] === undefined) throw new Error(`no code block follows ${marker} in README.md`);
+  return block[1];
+}
+
+/**
+ * Upgrades (or downgrades) the plugin to `ref` by running the README's upgrade steps as
+ * they are printed, with `thinvol` read as this run's plugin and `OWNER/thinvol:0.2.0` as
+ * `ref`. Containers using its volumes are stopped before and started after, by the caller.
+ */
+export async function upgradePlugin(ref: string): Promise<string> {
+  const steps = (await readmeBlock("<!-- upgrade steps: test/e2e/upgrade.test.ts runs them -->"))
+    .replaceAll("OWNER/thinvol:0.2.0", "\0REF\0")
+    .replace(/\bthinvol\b/g, env.plugin)
+    .replaceAll("\0REF\0", ref);
+  const r = await execa("bash", ["-euo", "pipefail", "-c", steps], { reject: false, timeout: 300_000, stdin: "ignore" });
+  if (r.exitCode !== 0) throw new Error(`the README's upgrade steps failed (${r.exitCode}):\n${steps}\n${String(r.stderr)}`);
+  return String(r.stdout).trim();
+}
+
+/** A request to the plugin's admin API (docs/admin-api.md), on admin.sock in STATE_DIR. */
+export async function adminRequest(method: string, path: string, body?: unknown): Promise<{ status: number; json: unknown }> {
+  return new Promise((resolve, reject) => {
+    const payload = body === undefined ? undefined : JSON.stringify(body);
+    const req = httpRequest(
+      {
+        socketPath: join(env.stateDir, "admin.sock"),
+        method,
+        path,
+        headers: payload === undefined ? {} : { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(payload) },
+        timeout: 60_000,
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on("data", (c: Buffer) => chunks.push(c));
+        res.on("end", () => {
+          const text = Buffer.concat(chunks).toString("utf8");
+          try {
+            resolve({ status: res.statusCode ?? 0, json: text === "" ? undefined : (JSON.parse(text) as unknown) });
+          } catch (err) {
+            reject(new Error(`admin API ${method} ${path}: reply is not JSON: ${text.slice(0, 200)}`, { cause: err }));
+          }
+        });
+      },
+    );
+    req.on("timeout", () => req.destroy(new Error(`admin API ${method} ${path} timed out`)));
+    req.on("error", reject);
+    req.end(payload);
+  });
+}
+
+/**
+ * Whether this build has the admin API with snapshots: `npm run build` writes the
+ * `thinvol` command beside the server once they exist (dist/thinvol-cli.mjs).
+ */
+export const hasAdminCli = existsSync(join(import.meta.dirname, "..", "..", "dist", "thinvol-cli.mjs"));
+
+/** PostgreSQL in a container of the offline image, its cluster on a thinvol volume at /d/pg. */
+export class Postgres {
+  constructor(
+    readonly container: string,
+    readonly volume: string,
+  ) {}
+
+  /** Runs SQL as the postgres user through the container's socket; returns psql's bare output. */
+  sql(statement: string): Promise<string> {
+    return dockerOk(["exec", this.container, "su", "postgres", "-s", "/bin/sh", "-c", `psql -h /tmp -At -c "${statement}"`]);
+  }
+
+  async ready(): Promise<void> {
+    for (let i = 0; i < 300; i++) {
+      const r = await docker(["exec", this.container, "su", "postgres", "-s", "/bin/sh", "-c", "pg_isready -q -h /tmp"]);
+      if (r.exitCode === 0) return;
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    throw new Error(`PostgreSQL in ${this.container} did not get ready: ${(await docker(["logs", "--tail", "20", this.container])).stderr}`);
+  }
+
+  /** Starts the container; initdb on the first start only, so a restart finds its cluster. */
+  async start(image: string): Promise<void> {
+    const script =
+      "mkdir -p /d/pg && chown postgres /d/pg && exec su postgres -s /bin/sh -c " +
+      '"[ -f /d/pg/PG_VERSION ] || initdb -A trust -D /d/pg >/dev/null; exec postgres -D /d/pg -k /tmp -c listen_addresses="';
+    await dockerOk(["run", "-d", "--name", this.container, "--network", "none", "--shm-size", "128m", "-v", `${this.volume}:/d`, image, "sh", "-c", script]);
+    await this.ready();
+  }
+}
