@@ -27,9 +27,9 @@ async function thinvolOk(args: readonly string[]): Promise<string> {
   return r.stdout;
 }
 
-/** The size of the filesystem at /d as a container sees it, in bytes. */
+/** The size of the filesystem at /d as a container sees it, in bytes (-P: one line, however long the device name). */
 async function fsSize(container: string): Promise<number> {
-  const out = await dockerOk(["exec", container, "df", "-k", "/d"]);
+  const out = await dockerOk(["exec", container, "df", "-Pk", "/d"]);
   const kib = Number(out.split("\n")[1]?.trim().split(/\s+/)[1]);
   return kib * 1024;
 }
@@ -107,7 +107,7 @@ describe("the thinvol command with the installed plugin", () => {
       await thinvolOk(["resize", v, "160M"]);
     }
     assert.equal((await inspectVolume(v)).Status?.["sizeBytes"], 160 * MiB);
-    const out = await runInOk(v, "cat /d/f; df -k /d | tail -1");
+    const out = await runInOk(v, "cat /d/f; df -Pk /d | tail -1");
     assert.match(out, /^kept\n/);
     assert.ok(Number(out.split("\n")[1]?.trim().split(/\s+/)[1]) * 1024 > 140 * MiB, out);
   });

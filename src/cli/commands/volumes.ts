@@ -63,7 +63,7 @@ export const resize: Command = {
   ],
   summary: "Grow a volume and its filesystem",
   description:
-    "Grows the volume to SIZE, and its filesystem with it, online if it is mounted. A volume never shrinks: a smaller SIZE is refused; its current size changes nothing. SIZE is a number with an optional unit in powers of 1024 (512M, 20G, 1T).",
+    "Grows the volume to SIZE, and its filesystem with it, online if it is mounted (xfs always; ext4 only where the plugin holds CAP_SYS_RESOURCE, else once its containers are stopped). A volume never shrinks: a smaller SIZE is refused; its current size changes nothing. SIZE is a number with an optional unit in powers of 1024 (512M, 20G, 1T).",
   examples: ["thinvol resize db 20G"],
   async run(ctx, [volume = "", newSize = ""]) {
     const reply = await ctx.change(`resizing volume ${quote(volume)} to ${newSize}`, (onProgress) =>
