@@ -14,10 +14,10 @@ export async function fsyncPath(path: string): Promise<void> {
 /**
  * Replaces `path` with `data` so that a crash at any instant leaves either the
  * old file or the new one, never a torn or empty one: write a temporary file,
- * fsync it, rename it over the target, fsync the directory.
+ * fsync it, rename it over the target, fsync the directory. `tmp` is the temporary
+ * file's path, in the same directory.
  */
-export async function writeFileAtomic(path: string, data: string): Promise<void> {
-  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${Date.now()}.tmp`);
+export async function writeFileAtomic(path: string, data: string | Uint8Array, tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${Date.now()}.tmp`)): Promise<void> {
   const handle = await open(tmp, "w", 0o600);
   try {
     await handle.writeFile(data);
