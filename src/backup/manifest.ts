@@ -35,11 +35,14 @@ export interface Manifest {
   blocks: BlockEntry[];
 }
 
-/** Backup ids: sortable by time, unique without coordination, and valid key segments. */
-export const BACKUP_ID_PATTERN = /^\d{8}T\d{6}Z-[0-9a-f]{8}$/;
+/**
+ * Backup ids: sortable by time to the millisecond (a volume's backups list in the order they
+ * were taken, even two in one second), unique without coordination, and valid key segments.
+ */
+export const BACKUP_ID_PATTERN = /^\d{8}T\d{9}Z-[0-9a-f]{8}$/;
 
 export function newBackupId(now: Date): string {
-  const stamp = now.toISOString().replace(/[-:]/g, "").replace(/\.\d{3}Z$/, "Z");
+  const stamp = now.toISOString().replace(/[-:.]/g, "");
   return `${stamp}-${randomBytes(4).toString("hex")}`;
 }
 

@@ -109,7 +109,7 @@ test("an interrupted backup leaves no visible backup, and running it again uploa
     store.failAt = 21;
     await assert.rejects(
       createBackup({ ...base, store, device, blocksToRead: allBlocks(geometry), concurrency: 1 }),
-      /^ThinvolError: backup "\d{8}T\d{6}Z-[0-9a-f]{8}" of volume "db" failed storing block \d+ at file:\/\/.*: connection reset by peer$/,
+      /^ThinvolError: backup "\d{8}T\d{9}Z-[0-9a-f]{8}" of volume "db" failed storing block \d+ at file:\/\/.*: connection reset by peer$/,
     );
     assert.deepEqual(await listBackups(store), []);
     assert.deepEqual(await store.list("locks/"), []); // the lease went too

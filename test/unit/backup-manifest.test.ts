@@ -6,7 +6,7 @@ import { DirectoryStore } from "../../src/backup/directory-store.js";
 import { NotFoundError } from "../../src/errors.js";
 import { withTempDir } from "../support/backup.js";
 
-const ID = "20261129T100000Z-3f9a1c2b";
+const ID = "20261129T100000000Z-3f9a1c2b";
 const D1 = "a".repeat(64);
 const D2 = "b".repeat(64);
 const where = { volume: "db", id: ID };
@@ -19,16 +19,16 @@ function manifest(over: Record<string, unknown> = {}): Record<string, unknown> {
 }
 
 test("a record survives a round trip, with and without a previous backup", () => {
-  const m = parseManifest(JSON.stringify(manifest({ previous: "20261128T100000Z-00000000" })), where);
-  assert.equal(m.previous, "20261128T100000Z-00000000");
+  const m = parseManifest(JSON.stringify(manifest({ previous: "20261128T100000000Z-00000000" })), where);
+  assert.equal(m.previous, "20261128T100000000Z-00000000");
   assert.deepEqual(parseManifest(serializeManifest(m), where), m);
   assert.equal("previous" in parseManifest(JSON.stringify(manifest()), where), false);
 });
 
 test("backup ids sort by time and are valid keys", () => {
   const a = newBackupId(new Date("2026-11-29T10:00:00.123Z"));
-  const b = newBackupId(new Date("2026-11-29T10:00:01Z"));
-  assert.match(a, /^20261129T100000Z-[0-9a-f]{8}$/);
+  const b = newBackupId(new Date("2026-11-29T10:00:00.124Z"));
+  assert.match(a, /^20261129T100000123Z-[0-9a-f]{8}$/);
   assert.ok(a < b);
   assert.equal(manifestKey("db", a), `backups/db/${a}.json`);
 });
@@ -55,7 +55,7 @@ test("hostile records are refused with an error naming the volume, the backup an
     const text = typeof input === "string" ? input : JSON.stringify(input);
     assert.throws(() => parseManifest(text, where), (err: unknown) => {
       assert.ok(err instanceof BackupDamagedError, String(err));
-      assert.match(err.message, /^backup "20261129T100000Z-3f9a1c2b" of volume "db"/);
+      assert.match(err.message, /^backup "20261129T100000000Z-3f9a1c2b" of volume "db"/);
       assert.match(err.message, expected);
       return true;
     }, text);
@@ -65,7 +65,7 @@ test("hostile records are refused with an error naming the volume, the backup an
 test("records at a target: listed by volume, oldest first; an absent one is not found", () =>
   withTempDir(async (dir) => {
     const store = new DirectoryStore(dir);
-    const older = "20261128T100000Z-00000001";
+    const older = "20261128T100000000Z-00000001";
     await store.put(manifestKey("db", ID), Buffer.from(JSON.stringify(manifest())));
     await store.put(manifestKey("db", older), Buffer.from(JSON.stringify(manifest({ id: older }))));
     await store.put("backups/db/notes.txt", Buffer.from("not a record"));
@@ -73,5 +73,5 @@ test("records at a target: listed by volume, oldest first; an absent one is not 
     assert.deepEqual(await listBackups(store, "web"), []);
     const m: Manifest = await readManifest(store, "db", ID);
     assert.equal(m.blocks.length, 2);
-    await assert.rejects(readManifest(store, "db", "20261127T100000Z-00000000"), NotFoundError);
+    await assert.rejects(readManifest(store, "db", "20261127T100000000Z-00000000"), NotFoundError);
   }));
