@@ -1,12 +1,12 @@
 import { Hono, type Context } from "hono";
 import * as v from "valibot";
-import { ConflictError, InvalidRequestError, NoSpaceError, NotFoundError, RequestTooLargeError, errorMessage, escapeUnprintable, quote } from "../errors.js";
+import { ConflictError, InvalidRequestError, NoSpaceError, NotFoundError, RequestTooLargeError, errorMessage, quote } from "../errors.js";
 import type { Logger } from "../log.js";
 import { renderMetrics, type RequestMetrics } from "../metrics.js";
 import { parseSize } from "../size.js";
 import { MAX_SIZE, SnapshotNameSchema, VOLUME_NAME_PATTERN, VolumeNameSchema, checkName } from "../volumes/options.js";
 import type { AdminService, Progress } from "../volumes/types.js";
-import { readBodyBytes } from "./app.js";
+import { parseBody, readBodyBytes } from "./app.js";
 
 /** A size as a string with a unit ("20G") or a number of bytes. */
 const Size = v.pipe(
@@ -44,24 +44,13 @@ function kindOf(err: unknown): { kind: string; status: 400 | 404 | 409 | 413 | 5
   return { kind: "error", status: 500 };
 }
 
+/** The body, read under the size limit and decoded as Docker's routes decode theirs. */
 async function readJson<S extends v.GenericSchema>(c: Context, schema: S): Promise<v.InferOutput<S>> {
-  const bytes = await readBodyBytes(c);
-  let json: unknown = {};
-  const text = new TextDecoder().decode(bytes);
-  if (text.trim() !== "") {
-    try {
-      json = JSON.parse(text);
-    } catch (err) {
-      throw new InvalidRequestError(`the request body is not JSON: ${escapeUnprintable(errorMessage(err).slice(0, 200))}`);
-    }
-  }
-  const result = v.safeParse(schema, json);
-  if (!result.success) throw new InvalidRequestError(`bad request: ${result.issues.map((i) => i.message).join("; ")}`);
-  return result.output;
+  return parseBody(await readBodyBytes(c), schema);
 }
 
 /** A path segment that must be a name; checked before anything runs. */
-function nameParam(c: Context, key: string, schema: typeof VolumeNameSchema | typeof SnapshotNameSchema): string {
+function nameParam(c: Context, key: string, schema: typeof VolumeNameSchema): string {
   return checkName(schema, c.req.param(key) ?? "");
 }
 

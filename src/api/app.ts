@@ -89,7 +89,7 @@ export async function readBodyBytes(c: Context): Promise<Uint8Array> {
  * JSON object. The volume is noted in `seen` before validation, so a refusal is
  * logged with it.
  */
-function parseBody<S extends v.GenericSchema>(bytes: Uint8Array, schema: S, seen: Seen): v.InferOutput<S> {
+export function parseBody<S extends v.GenericSchema>(bytes: Uint8Array, schema: S, seen: Seen = {}): v.InferOutput<S> {
   let text: string;
   try {
     text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
@@ -123,7 +123,7 @@ function volumeJson(volume: VolumeSummary | VolumeInfo): Record<string, unknown>
 }
 
 /** Set as soon as the request names a volume (quoted if the name is not valid), so failures are logged with it too. */
-interface Seen {
+export interface Seen {
   volume?: string;
 }
 

@@ -1,23 +1,15 @@
 import * as v from "valibot";
 import { quote } from "../errors.js";
 import { parseSize } from "../size.js";
-import { VOLUME_NAME_PATTERN } from "../volumes/options.js";
+import { SnapshotNameSchema, VolumeNameSchema } from "../volumes/options.js";
 
 /** Validators for what the user types: each message names the argument and says what is allowed. */
 export type ArgSchema = v.GenericSchema<string, string>;
 
-const nameSchema = (what: string): ArgSchema =>
-  v.pipe(
-    v.string(),
-    v.regex(
-      VOLUME_NAME_PATTERN,
-      (i) => `invalid ${what} name ${quote(String(i.input))}: use 1 to 96 letters, digits, '_', '.' or '-', starting with a letter or digit`,
-    ),
-  );
-
-export const VolumeName = nameSchema("volume");
+/** The plugin's own name rules and messages, checked here before any request. */
+export const VolumeName: ArgSchema = VolumeNameSchema;
 /** Snapshot names follow the volume name rules (docs/admin-api.md). */
-export const SnapshotName = nameSchema("snapshot");
+export const SnapshotName: ArgSchema = SnapshotNameSchema;
 
 /**
  * A size as the API takes it (`20G`, `512M`, a number of bytes). Checked here so a typo

@@ -9,38 +9,37 @@ import type { FsType } from "../system/filesystem.js";
  */
 export const VOLUME_NAME_PATTERN = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,95}$/;
 
-export const VolumeNameSchema = v.pipe(
-  v.string("the volume name must be a string"),
-  v.regex(
-    VOLUME_NAME_PATTERN,
-    (issue) =>
-      `invalid volume name ${quote(String(issue.input))}: use 1 to 96 letters, digits, '_', '.' or '-', starting with a letter or digit`,
-  ),
-);
+/** A name of `what` (a volume, a snapshot): a string matching VOLUME_NAME_PATTERN. */
+function nameSchema(what: string) {
+  return v.pipe(
+    v.string(`the ${what} name must be a string`),
+    v.regex(
+      VOLUME_NAME_PATTERN,
+      (issue) =>
+        `invalid ${what} name ${quote(String(issue.input))}: use 1 to 96 letters, digits, '_', '.' or '-', starting with a letter or digit`,
+    ),
+  );
+}
+
+export const VolumeNameSchema = nameSchema("volume");
 
 /** Snapshot names follow the volume name rules. */
-export const SnapshotNameSchema = v.pipe(
-  v.string("the snapshot name must be a string"),
-  v.regex(
-    VOLUME_NAME_PATTERN,
-    (issue) =>
-      `invalid snapshot name ${quote(String(issue.input))}: use 1 to 96 letters, digits, '_', '.' or '-', starting with a letter or digit`,
-  ),
-);
+export const SnapshotNameSchema = nameSchema("snapshot");
 
 export function checkSnapshotName(name: unknown): string {
   return checkName(SnapshotNameSchema, name);
 }
 
 /** Validates a name with `schema`; its first message becomes an InvalidRequestError. */
-export function checkName(schema: typeof VolumeNameSchema | typeof SnapshotNameSchema, name: unknown): string {
+export function checkName(schema: typeof VolumeNameSchema, name: unknown): string {
   const result = v.safeParse(schema, name);
   if (!result.success) throw new InvalidRequestError(result.issues[0]?.message ?? "invalid name");
   return result.output;
 }
 
-/** `from=VOLUME` or `from=VOLUME@SNAPSHOT`. */
-const FROM_PATTERN = /^([a-zA-Z0-9][a-zA-Z0-9_.-]{0,95})(?:@([a-zA-Z0-9][a-zA-Z0-9_.-]{0,95}))?$/;
+/** `from=VOLUME` or `from=VOLUME@SNAPSHOT`, each name as VOLUME_NAME_PATTERN has it. */
+const NAME = VOLUME_NAME_PATTERN.source.slice(1, -1);
+const FROM_PATTERN = new RegExp(`^(${NAME})(?:@(${NAME}))?$`);
 
 export function checkVolumeName(name: unknown): string {
   return checkName(VolumeNameSchema, name);
