@@ -393,16 +393,11 @@ export class VolumeManager implements VolumeService, AdminService {
     if (record.mountOptions.length > 0) status["mountOptions"] = record.mountOptions.join(",");
     const snapshots = readySnapshots(record);
     if (snapshots.length > 0) status["snapshots"] = snapshots.map((x) => x.name).join(",");
-    if (mounted) {
-      try {
-        const s = await statfs(this.mountpointOf(name));
-        const used = (s.blocks - s.bfree) * s.bsize;
-        status["used"] = formatSize(used);
-        status["usedBytes"] = used;
-        status["available"] = formatSize(s.bavail * s.bsize);
-      } catch (err) {
-        this.o.log.warn("cannot read filesystem usage", { volume: name, error: errorMessage(err) });
-      }
+    const fsUse = mounted ? await this.filesystemUse(name) : undefined;
+    if (fsUse) {
+      status["used"] = formatSize(fsUse.usedBytes);
+      status["usedBytes"] = fsUse.usedBytes;
+      status["available"] = formatSize(fsUse.availableBytes);
     }
     try {
       const allocated = await this.o.pool.allocatedBytes(name);
@@ -420,6 +415,17 @@ export class VolumeManager implements VolumeService, AdminService {
     const info: VolumeInfo = { name, createdAt: record.createdAt, status };
     if (mounted) info.mountpoint = this.mountpointOf(name);
     return info;
+  }
+
+  /** What a mounted volume's filesystem holds and has free; undefined (logged) when it cannot be read. */
+  private async filesystemUse(name: string): Promise<{ usedBytes: number; availableBytes: number } | undefined> {
+    try {
+      const s = await statfs(this.mountpointOf(name));
+      return { usedBytes: (s.blocks - s.bfree) * s.bsize, availableBytes: s.bavail * s.bsize };
+    } catch (err) {
+      this.o.log.warn("cannot read filesystem usage", { volume: name, error: errorMessage(err) });
+      return undefined;
+    }
   }
 
   async list(): Promise<VolumeSummary[]> {
@@ -479,8 +485,7 @@ export class VolumeManager implements VolumeService, AdminService {
       await this.growFilesystem(record);
     } catch (err) {
       // The intent stays: the next start finishes the resize (both steps only grow).
-      if (err instanceof ThinvolError && err.message.includes(`"${name}"`)) throw err;
-      throw new ThinvolError(`cannot resize volume "${name}" to ${formatSize(to)}: ${errorMessage(err)}`, { cause: err });
+      throw explained(err, name, `cannot resize volume "${name}" to ${formatSize(to)}`);
     }
     this.o.log.info("volume resized", { volume: name, from: formatSize(record.sizeBytes), to: formatSize(to) });
     record.sizeBytes = to;
@@ -543,8 +548,7 @@ export class VolumeManager implements VolumeService, AdminService {
         await this.dropSnapshot(record, snap).catch((undoErr: unknown) => {
           this.o.log.error("could not undo a failed snapshot; it will be retried at the next start", { volume: name, snapshot: snap, error: errorMessage(undoErr) });
         });
-        if (err instanceof ThinvolError && err.message.includes(`"${name}"`)) throw err;
-        throw new ThinvolError(`cannot snapshot volume "${name}" as "${snap}": ${errorMessage(err)}`, { cause: err });
+        throw explained(err, name, `cannot snapshot volume "${name}" as "${snap}"`);
       }
       entry.state = "ready";
       await this.o.records.save(record);
@@ -654,13 +658,7 @@ export class VolumeManager implements VolumeService, AdminService {
     };
     if (d.mounted) {
       d.mountpoint = mountpoint;
-      try {
-        const s = await statfs(mountpoint);
-        d.usedBytes = (s.blocks - s.bfree) * s.bsize;
-        d.availableBytes = s.bavail * s.bsize;
-      } catch (err) {
-        this.o.log.warn("cannot read filesystem usage", { volume: record.name, error: errorMessage(err) });
-      }
+      Object.assign(d, await this.filesystemUse(record.name));
     }
     try {
       d.allocatedBytes = await this.o.pool.allocatedBytes(record.name);
@@ -827,6 +825,12 @@ export class VolumeManager implements VolumeService, AdminService {
       // Not frozen: the usual case.
     }
   }
+}
+
+/** An error that already names the volume (the pool's own, with its kind) as it is; any other prefixed with `what`. */
+function explained(err: unknown, volume: string, what: string): ThinvolError {
+  if (err instanceof ThinvolError && err.message.includes(`"${volume}"`)) return err;
+  return new ThinvolError(`${what}: ${errorMessage(err)}`, { cause: err });
 }
 
 function readySnapshots(record: VolumeRecord): SnapshotRecord[] {

@@ -121,17 +121,24 @@ function inUse(devName: string, dev: DmDevice): ConflictError {
   return new ConflictError(`${dmPath(devName)} is in use (open ${dev.openCount} times); unmount it first`);
 }
 
+/** The active volume's allocation now; a figure the kernel will not give is not worth failing for (logged, undefined). */
+export async function mappedBytes(ctx: DmThinContext, volume: string): Promise<number | undefined> {
+  try {
+    return (await thinStatus(ctx.runner, ctx.deviceName(volume))).mappedSectors * 512;
+  } catch (err) {
+    ctx.log.debug("cannot read a thin volume's allocation", { volume, error: errorMessage(err) });
+    return undefined;
+  }
+}
+
 /** Takes the volume's device away, keeping its last allocation figure; an absent device is fine. */
 export async function deactivateDevice(ctx: Locked, name: string): Promise<void> {
   const devName = ctx.deviceName(name);
   const vol = ctx.openState.volumes.get(name);
   const dev = await ownDevice(ctx, name, vol);
   if (!dev || !vol) return;
-  try {
-    vol.allocatedBytes = (await thinStatus(ctx.runner, devName)).mappedSectors * 512;
-  } catch (err) {
-    ctx.log.debug("cannot read a thin volume's allocation", { volume: name, error: errorMessage(err) });
-  }
+  const mapped = await mappedBytes(ctx, name);
+  if (mapped !== undefined) vol.allocatedBytes = mapped;
   if (dev.openCount > 0) throw inUse(devName, dev);
   await removeDevice(ctx.runner, devName);
   await ctx.save();

@@ -1,7 +1,7 @@
-import { ConflictError, InvalidRequestError, errorMessage } from "../../errors.js";
-import { dmPath, sendMessage, thinStatus } from "../../system/dmsetup.js";
+import { ConflictError, InvalidRequestError } from "../../errors.js";
+import { dmPath, sendMessage } from "../../system/dmsetup.js";
 import type { Locked } from "./context.js";
-import { occupant, ownDevice, snapshotSuspended } from "./devices.js";
+import { mappedBytes, occupant, ownDevice, snapshotSuspended } from "./devices.js";
 import { allocateId, commitJournalled, deleteThinId, journal, setTransactionId } from "./journal.js";
 import { checkSpace } from "./space.js";
 import { isValidName, snapshotKey, splitSnapshotKey, type Pending, type PoolState } from "./state.js";
@@ -50,16 +50,6 @@ export async function takeSnapshot(ctx: Locked, volume: string, snapshot: string
     },
   );
   return { id, originWasActive: originActive };
-}
-
-/** The active volume's allocation now; a figure the kernel will not give is not worth failing a snapshot for. */
-async function mappedBytes(ctx: Locked, volume: string): Promise<number | undefined> {
-  try {
-    return (await thinStatus(ctx.runner, ctx.deviceName(volume))).mappedSectors * 512;
-  } catch (err) {
-    ctx.log.debug("cannot read a thin volume's allocation", { volume, error: errorMessage(err) });
-    return undefined;
-  }
 }
 
 /** Deletes a snapshot's thin id and forgets it; an absent snapshot is fine. */
