@@ -348,13 +348,20 @@ export class LoopPool implements Pool {
   async remove(name: string): Promise<void> {
     // Deactivating settles the reserve, so what the image frees is exactly what goes back to the host.
     await this.deactivate(name);
-    // XFS frees an unlinked file's blocks in the background, but a truncate's at once: so the
-    // space is free, and goes back to the host, before Remove answers.
-    await truncate(this.image(name), 0).catch((err: unknown) => {
+    await this.deleteImage(this.image(name));
+  }
+
+  /**
+   * Deletes an image (a volume's or a snapshot's) and gives its space back to the host before
+   * it returns: XFS frees an unlinked file's blocks in the background, but a truncate's at once.
+   * An absent image is fine.
+   */
+  private async deleteImage(path: string): Promise<void> {
+    await truncate(path, 0).catch((err: unknown) => {
       if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
     });
-    await rm(this.image(name), { force: true });
-    await fsyncPath(this.volumesDir);
+    await rm(path, { force: true });
+    await fsyncPath(dirname(path));
     await this.reserve.rebalance(0);
   }
 
@@ -448,14 +455,7 @@ export class LoopPool implements Pool {
   }
 
   async removeSnapshot(volume: string, snapshot: string): Promise<void> {
-    const target = this.snapshotImage(volume, snapshot);
-    // As for a volume: a truncate frees the blocks the snapshot alone holds before this returns.
-    await truncate(target, 0).catch((err: unknown) => {
-      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
-    });
-    await rm(target, { force: true });
-    await fsyncPath(this.snapshotsDir);
-    await this.reserve.rebalance(0);
+    await this.deleteImage(this.snapshotImage(volume, snapshot));
   }
 
   /**
