@@ -42,19 +42,38 @@ export function allocatedBlocks(extents: readonly Extent[], g: Geometry): number
  * An incremental backup on the loop pool. Snapshots there are reflink copies, so a byte
  * that still lies at the same place on the pool's device in both snapshot images was not
  * written in between; every other allocated byte of the new snapshot may have changed. A
- * range allocated before and a hole now reads as zeros, so it is read too (and dropped).
+ * range allocated before and a hole now reads as zeros, so it counts as changed too (it is
+ * read, and dropped from the new record).
  */
-export function changedBlocksFromExtents(previous: readonly Extent[], current: readonly Extent[], g: Geometry): number[] {
+export function changedRangesFromExtents(previous: readonly Extent[], current: readonly Extent[]): ByteRange[] {
   const fileRange = (e: Extent): ByteRange => ({ offset: e.fileOffset, length: e.length });
-  const changed: ByteRange[] = [];
-  for (const e of current) {
-    // The parts of `e` that a previous extent maps to the same device bytes are unchanged.
-    const samePlace = previous.filter((p) => p.deviceOffset - p.fileOffset === e.deviceOffset - e.fileOffset).map(fileRange);
-    changed.push(...uncovered(fileRange(e), samePlace));
+  // Previous extents by their shift (device offset - file offset): only those can map a byte of `e` to the same place.
+  const byShift = new Map<number, ByteRange[]>();
+  for (const p of previous) {
+    const shift = p.deviceOffset - p.fileOffset;
+    byShift.set(shift, [...(byShift.get(shift) ?? []), fileRange(p)]);
   }
-  const now = current.map(fileRange);
+  const changed: ByteRange[] = [];
+  for (const e of current) changed.push(...uncovered(fileRange(e), byShift.get(e.deviceOffset - e.fileOffset) ?? []));
+  const now = mergeRanges(current.map(fileRange));
   for (const p of previous) changed.push(...uncovered(fileRange(p), now));
-  return blocksTouching(changed, g);
+  return mergeRanges(changed);
+}
+
+export function changedBlocksFromExtents(previous: readonly Extent[], current: readonly Extent[], g: Geometry): number[] {
+  return blocksTouching(changedRangesFromExtents(previous, current), g);
+}
+
+/** Sorted, non-overlapping, adjacent ranges joined; empty ones dropped. */
+export function mergeRanges(ranges: readonly ByteRange[]): ByteRange[] {
+  const sorted = ranges.filter((r) => r.length > 0).sort((a, b) => a.offset - b.offset);
+  const out: ByteRange[] = [];
+  for (const r of sorted) {
+    const last = out.at(-1);
+    if (last && r.offset <= last.offset + last.length) last.length = Math.max(last.length, r.offset + r.length - last.offset);
+    else out.push({ offset: r.offset, length: r.length });
+  }
+  return out;
 }
 
 /** The parts of `range` that none of `covers` overlaps. */
@@ -62,6 +81,7 @@ function uncovered(range: ByteRange, covers: readonly ByteRange[]): ByteRange[] 
   const end = range.offset + range.length;
   const parts: ByteRange[] = [];
   let at = range.offset;
+  // `covers` is sorted when it comes from mergeRanges; a binary search would serve huge maps, a filter serves today's.
   const overlapping = covers.filter((c) => c.offset < end && c.offset + c.length > range.offset).sort((a, b) => a.offset - b.offset);
   for (const c of overlapping) {
     if (c.offset > at) parts.push({ offset: at, length: c.offset - at });
@@ -141,16 +161,17 @@ export function parseThinDelta(xml: string): ThinDelta {
 }
 
 /**
- * The backup blocks to read for the changes between the previous backup's snapshot (left)
- * and this one's (right): different and right_only runs changed; left_only runs are now
- * unmapped and read as zeros, so they are read too, to drop them from the new record.
+ * The byte ranges that changed between the previous backup's snapshot (left) and this
+ * one's (right): different and right_only runs changed; left_only runs are now unmapped
+ * and read as zeros, so they count too (they are read, and dropped from the new record).
  */
-export function changedBlocksFromThinDelta(delta: ThinDelta, g: Geometry): number[] {
+export function changedRangesFromThinDelta(delta: ThinDelta): ByteRange[] {
   const poolBlockBytes = delta.dataBlockSizeSectors * SECTOR_BYTES;
-  const changed = delta.ranges
-    .filter((r) => r.kind !== "same")
-    .map((r) => ({ offset: r.begin * poolBlockBytes, length: r.length * poolBlockBytes }));
-  return blocksTouching(changed, g);
+  return mergeRanges(delta.ranges.filter((r) => r.kind !== "same").map((r) => ({ offset: r.begin * poolBlockBytes, length: r.length * poolBlockBytes })));
+}
+
+export function changedBlocksFromThinDelta(delta: ThinDelta, g: Geometry): number[] {
+  return blocksTouching(changedRangesFromThinDelta(delta), g);
 }
 
 /** A thin_delta can walk every mapping of a large pool: longer than a plain command. */

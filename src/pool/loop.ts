@@ -11,7 +11,9 @@ import { mountDevice, readMounts, unmount } from "../system/mount.js";
 import type { Runner } from "../system/runner.js";
 import { HostReserve } from "./loop-reserve.js";
 import { sectorSizeForImage } from "./loop-image.js";
-import type { CloneOptions, Pool, PoolUsage } from "./types.js";
+import { changedRangesFromExtents, mergeRanges } from "../backup/plan.js";
+import { fileExtents } from "../system/extents.js";
+import type { CloneOptions, Pool, PoolUsage, SnapshotReader, VolumeRange } from "./types.js";
 
 export interface LoopPoolOptions {
   runner: Runner;
@@ -456,6 +458,26 @@ export class LoopPool implements Pool {
 
   async removeSnapshot(volume: string, snapshot: string): Promise<void> {
     await this.deleteImage(this.snapshotImage(volume, snapshot));
+  }
+
+  /** A snapshot's image is a read-only file of the pool's filesystem: read it where it is. */
+  async openSnapshot(volume: string, snapshot: string): Promise<SnapshotReader> {
+    await this.statSnapshot(volume, snapshot);
+    return { path: this.snapshotImage(volume, snapshot), release: async () => undefined };
+  }
+
+  /**
+   * From the snapshot images' extents in the pool's filesystem: snapshots are reflink copies,
+   * so data not written in between lies at the same place on the pool's device in both.
+   */
+  async changedRanges(volume: string, snapshot: string, since?: string): Promise<VolumeRange[]> {
+    const extentsOf = async (snap: string) => {
+      const size = await this.snapshotSizeOf(volume, snap);
+      return fileExtents(this.o.runner, this.snapshotImage(volume, snap), { offset: 0, length: size });
+    };
+    const current = await extentsOf(snapshot);
+    if (since === undefined) return mergeRanges(current.map((e) => ({ offset: e.fileOffset, length: e.length })));
+    return changedRangesFromExtents(await extentsOf(since), current);
   }
 
   /**

@@ -17,6 +17,19 @@ export interface PoolUsage {
   hostFreeBytes?: number;
 }
 
+/** A byte range of a volume or snapshot. */
+export interface VolumeRange {
+  offset: number;
+  length: number;
+}
+
+/** A snapshot opened for reading (a backup reads its bytes); release() when done. */
+export interface SnapshotReader {
+  /** A file or block device holding the snapshot's bytes, read only. */
+  path: string;
+  release(): Promise<void>;
+}
+
 export interface CloneOptions {
   /**
    * Where the origin's filesystem is mounted, if it is. A driver that cannot
@@ -95,4 +108,17 @@ export interface Pool {
   rollback(volume: string, snapshot: string): Promise<void>;
   /** Grows the pool's data space to `sizeBytes` while volumes are in use. A smaller size is refused. */
   grow(sizeBytes: number): Promise<void>;
+
+  /**
+   * Opens a snapshot's bytes for reading while the volume stays in use. The snapshot must
+   * not be removed before release(). Several readers of one snapshot may be open at once.
+   */
+  openSnapshot(volume: string, snapshot: string): Promise<SnapshotReader>;
+  /**
+   * The byte ranges of `snapshot` that may hold data differing from snapshot `since` of the
+   * same volume (a range may be larger than what changed, never smaller), or, without
+   * `since`, every range that may hold data (the rest reads as zeros). Ranges are sorted and
+   * do not overlap. Found from the pool's own records of where data lies: nothing is read.
+   */
+  changedRanges(volume: string, snapshot: string, since?: string): Promise<VolumeRange[]>;
 }

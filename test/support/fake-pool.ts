@@ -1,4 +1,7 @@
-import type { CloneOptions, Pool, PoolUsage } from "../../src/pool/types.js";
+import { mkdtemp, rm, truncate, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { CloneOptions, Pool, PoolUsage, SnapshotReader, VolumeRange } from "../../src/pool/types.js";
 
 export interface FakeVolume {
   size: number;
@@ -149,5 +152,33 @@ export class FakePool implements Pool {
   async grow(sizeBytes: number) {
     if (sizeBytes < this.dataTotalBytes) throw new Error("a pool only grows");
     this.dataTotalBytes = sizeBytes;
+  }
+  /** Open snapshot readers, by `volume@snapshot`. */
+  readonly readers = new Map<string, number>();
+  /** The snapshot's data at offset 0 of a sparse file of its size, removed on release. */
+  async openSnapshot(volume: string, snapshot: string): Promise<SnapshotReader> {
+    const s = this.needSnap(volume, snapshot);
+    const dir = await mkdtemp(join(tmpdir(), "thinvol-fake-snap-"));
+    const path = join(dir, "image");
+    await writeFile(path, s.data);
+    await truncate(path, s.size);
+    const key = `${volume}@${snapshot}`;
+    this.readers.set(key, (this.readers.get(key) ?? 0) + 1);
+    return {
+      path,
+      release: async () => {
+        this.readers.set(key, (this.readers.get(key) ?? 1) - 1);
+        await rm(dir, { recursive: true, force: true });
+      },
+    };
+  }
+  /** Where the data string lies; against `since`, that range when the two differ. */
+  async changedRanges(volume: string, snapshot: string, since?: string): Promise<VolumeRange[]> {
+    const s = this.needSnap(volume, snapshot);
+    const length = Buffer.byteLength(s.data);
+    if (since === undefined) return length > 0 ? [{ offset: 0, length }] : [];
+    const before = this.needSnap(volume, since);
+    const span = Math.max(length, Buffer.byteLength(before.data));
+    return before.data === s.data || span === 0 ? [] : [{ offset: 0, length: span }];
   }
 }

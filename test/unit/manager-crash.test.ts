@@ -123,6 +123,14 @@ class CrashingPool implements Pool {
     this.c.step("pool.grow");
     return this.inner.grow(sizeBytes);
   }
+  async openSnapshot(volume: string, snapshot: string) {
+    this.c.step("pool.openSnapshot");
+    return this.inner.openSnapshot(volume, snapshot);
+  }
+  async changedRanges(volume: string, snapshot: string, since?: string) {
+    this.c.step("pool.changedRanges");
+    return this.inner.changedRanges(volume, snapshot, since);
+  }
 }
 
 class CrashingRunner implements Runner {

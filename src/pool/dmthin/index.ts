@@ -1,7 +1,7 @@
 import { CommandError, ConflictError, InvalidRequestError, NoSpaceError, NotFoundError, ThinvolError, errorMessage } from "../../errors.js";
 import { formatSize } from "../../size.js";
 import { dmFailureReason, listDevices, sendMessage, thinStatus } from "../../system/dmsetup.js";
-import type { CloneOptions, Pool, PoolUsage } from "../types.js";
+import type { CloneOptions, Pool, PoolUsage, SnapshotReader, VolumeRange } from "../types.js";
 import { growPool } from "./capacity.js";
 import { DmThinContext, type DmThinOptions, type Locked } from "./context.js";
 import { activateDevice, deactivateDevice, ownDevice, snapshotSuspended, tearDownForRemove } from "./devices.js";
@@ -259,5 +259,13 @@ export class DmThinPool implements Pool {
         throw new ThinvolError(`cannot grow dm-thin pool ${ctx.poolName} to ${formatSize(sizeBytes)}: ${errorMessage(err)}`, { cause: err });
       }
     });
+  }
+
+  openSnapshot(volume: string, snapshot: string): Promise<SnapshotReader> {
+    return Promise.reject(new ThinvolError(`cannot read snapshot "${snapshot}" of volume "${volume}": not built for dm-thin yet`));
+  }
+
+  changedRanges(volume: string, snapshot: string, _since?: string): Promise<VolumeRange[]> {
+    return Promise.reject(new ThinvolError(`cannot plan a backup of snapshot "${snapshot}" of volume "${volume}": not built for dm-thin yet`));
   }
 }
