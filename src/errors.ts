@@ -99,3 +99,15 @@ export function quoteList(items: readonly string[], max = 5): string {
   const shown = items.slice(0, max).map((i) => quote(i)).join(", ");
   return items.length <= max ? shown : `${shown} and ${items.length - max} more`;
 }
+
+/**
+ * `err` with `what` in front of its message, keeping its kind (not found stays not found),
+ * so a caller can say which operation failed without losing what the API answers.
+ */
+export function inContext(err: unknown, what: string): ThinvolError {
+  const message = `${what}: ${errorMessage(err)}`;
+  for (const Kind of [RequestTooLargeError, InvalidRequestError, NotFoundError, ConflictError, NoSpaceError] as const) {
+    if (err instanceof Kind) return new Kind(message, { cause: err });
+  }
+  return new ThinvolError(message, { cause: err });
+}

@@ -2,6 +2,7 @@ import type { Server } from "node:http";
 import { join } from "node:path";
 import { createAdminApp } from "./api/admin.js";
 import { createApp } from "./api/app.js";
+import { BackupTargets } from "./backup/targets.js";
 import { StateDirTakenError, StateFormatError, ThinvolError, errorMessage } from "./errors.js";
 import { createLogger } from "./log.js";
 import { RequestMetrics } from "./metrics.js";
@@ -13,6 +14,7 @@ import { checkStateFormat } from "./state-format.js";
 import { claimStateDir } from "./system/flock.js";
 import { ExecaRunner } from "./system/runner.js";
 import { DeferredVolumeService } from "./volumes/deferred.js";
+import { BackupService } from "./volumes/backups.js";
 import { VolumeManager } from "./volumes/manager.js";
 import { RecordStore } from "./volumes/records.js";
 import { VERSION } from "./version.js";
@@ -68,7 +70,7 @@ async function main(): Promise<void> {
     // The admin API, for the thinvol command on the host (root only; Docker never calls it).
     // Bound only once STATE_DIR is this process's, so a second instance cannot take it over.
     const adminSocket = join(settings.STATE_DIR, ADMIN_SOCKET);
-    admin = await listenOnSocket(createAdminApp(() => service.admin(), log, metrics), adminSocket, 0o600);
+    admin = await listenOnSocket(createAdminApp(() => service.admin(), log, metrics, () => service.backups()), adminSocket, 0o600);
     log.info("admin API listening", { socket: adminSocket });
     pool = await selectPool({
       runner,
@@ -79,6 +81,7 @@ async function main(): Promise<void> {
       minFreePercent: settings.MIN_FREE_SPACE,
       log,
     });
+    const targets = new BackupTargets({ backupsDir: settings.BACKUPS_DIR, backupsSource: settings.BACKUPS_SOURCE });
     const records = new RecordStore(join(settings.STATE_DIR, "volumes"));
     await records.init();
     const manager = new VolumeManager({
@@ -90,9 +93,10 @@ async function main(): Promise<void> {
       defaultSizeBytes: settings.DEFAULT_SIZE,
       defaultFs: settings.DEFAULT_FS,
       minFreePercent: settings.MIN_FREE_SPACE,
+      openBackupTarget: (url) => targets.open(url),
     });
     await manager.recover();
-    service.serve(manager);
+    service.serve(manager, new BackupService({ manager, pool, log, openTarget: (url) => targets.open(url) }));
     log.info("ready", {
       driver: pool.driver,
       stateDir: settings.STATE_DIR,

@@ -12,6 +12,15 @@ const sizeSetting = (name: string) =>
 
 /** PATH_MAX: longer is no path the kernel would open. */
 const MAX_PATH_LENGTH = 4096;
+
+function absolutePathOrEmpty(name: string) {
+  return v.pipe(
+    v.string(),
+    v.check((s) => s === "" || s.startsWith("/"), `${name} must be an absolute path`),
+    v.maxLength(MAX_PATH_LENGTH, `${name} must be at most ${MAX_PATH_LENGTH} characters`),
+    v.regex(/^[^\x00-\x1f\x7f]*$/, `${name} must not contain control characters`),
+  );
+}
 const SettingsFields = v.object({
   SOCKET_PATH: v.optional(v.pipe(v.string(), v.startsWith("/", "SOCKET_PATH must be an absolute path")), "/run/docker/plugins/thinvol.sock"),
   STATE_DIR: v.optional(v.pipe(v.string(), v.startsWith("/", "STATE_DIR must be an absolute path")), "/var/lib/thinvol"),
@@ -41,6 +50,17 @@ const SettingsFields = v.object({
     "10",
   ),
   LOG_LEVEL: v.optional(v.picklist(["debug", "info", "warn", "error"], "LOG_LEVEL must be debug, info, warn or error"), "info"),
+  /**
+   * Where the `backups` mount is inside the plugin. Empty (outside the plugin): a
+   * `file:///path` backup target is that path as it stands.
+   */
+  BACKUPS_DIR: v.optional(absolutePathOrEmpty("BACKUPS_DIR"), ""),
+  /**
+   * The host directory behind BACKUPS_DIR (what `docker plugin set thinvol backups.source=`
+   * named). Empty: found from the mount table, which knows it when the directory is not
+   * itself the root of a filesystem.
+   */
+  BACKUPS_SOURCE: v.optional(absolutePathOrEmpty("BACKUPS_SOURCE"), ""),
 });
 
 /** A data device is a dm-thin pool's: the loop driver keeps its pool in a file. */

@@ -4,8 +4,8 @@ import { ConflictError, InvalidRequestError, NoSpaceError, NotFoundError, Reques
 import type { Logger } from "../log.js";
 import { renderMetrics, type RequestMetrics } from "../metrics.js";
 import { parseSize } from "../size.js";
-import { MAX_SIZE, SnapshotNameSchema, VOLUME_NAME_PATTERN, VolumeNameSchema, checkName } from "../volumes/options.js";
-import type { AdminService, Progress } from "../volumes/types.js";
+import { BACKUP_ID_PATTERN, MAX_SIZE, SnapshotNameSchema, VOLUME_NAME_PATTERN, VolumeNameSchema, checkName } from "../volumes/options.js";
+import type { AdminService, BackupAdmin, Progress } from "../volumes/types.js";
 import { parseBody, readBodyBytes } from "./app.js";
 
 /** A size as a string with a unit ("20G") or a number of bytes. */
@@ -30,6 +30,12 @@ const body = <E extends v.ObjectEntries>(entries: E) =>
 const SizeBody = body({ size: Size });
 const SnapshotBody = body({ name: SnapshotNameSchema });
 const RollbackBody = body({ snapshot: SnapshotNameSchema });
+/** A backup target's URL: checked in full where it is opened (BackupTargets), here only for its size. */
+const Target = v.pipe(v.string("a backup target must be a URL string"), v.minLength(1, "a backup target is needed: file:///path or s3://bucket/prefix"), v.maxLength(1024, "a backup target is at most 1024 characters"));
+const BackupId = v.pipe(v.string("a backup id must be a string"), v.regex(BACKUP_ID_PATTERN, (i) => `${quote(String(i.input))} is not a backup id (thinvol backup ls shows them)`));
+const BackupBody = body({ to: Target });
+const VerifyBody = body({ to: Target });
+const RestoreBody = body({ from: Target, id: BackupId, volume: VolumeNameSchema });
 
 const KINDS = [
   [RequestTooLargeError, "invalid", 413],
@@ -49,6 +55,19 @@ async function readJson<S extends v.GenericSchema>(c: Context, schema: S): Promi
   return parseBody(await readBodyBytes(c), schema);
 }
 
+/** The `to` query parameter: the backup target. */
+function targetQuery(c: Context): string {
+  const result = v.safeParse(Target, c.req.query("to") ?? "");
+  if (!result.success) throw new InvalidRequestError(result.issues[0]?.message ?? "invalid backup target");
+  return result.output;
+}
+
+function backupIdParam(c: Context): string {
+  const result = v.safeParse(BackupId, c.req.param("id") ?? "");
+  if (!result.success) throw new InvalidRequestError(result.issues[0]?.message ?? "invalid backup id");
+  return result.output;
+}
+
 /** A path segment that must be a name; checked before anything runs. */
 function nameParam(c: Context, key: string, schema: typeof VolumeNameSchema): string {
   return checkName(schema, c.req.param(key) ?? "");
@@ -61,30 +80,36 @@ const NDJSON = "application/x-ndjson";
  * journal as Docker's routes, because it calls the same VolumeManager. Errors become
  * `{error, kind}` with a status in one place; a client that accepts ndjson gets progress.
  */
-export function createAdminApp(service: () => Promise<AdminService>, log: Logger, metrics: RequestMetrics): Hono {
+export function createAdminApp(service: () => Promise<AdminService>, log: Logger, metrics: RequestMetrics, backupService?: () => Promise<BackupAdmin>): Hono {
   const app = new Hono();
+  const backups = backupService ?? (() => Promise.reject(new NotFoundError("this server offers no backups")));
 
-  const handle = (method: string, work: (c: Context, s: AdminService, progress: Progress, seen: { volume?: string }) => Promise<unknown>) => async (c: Context) => {
-    const started = performance.now();
-    const seen: { volume?: string } = {};
-    const raw = c.req.param("volume");
-    if (raw !== undefined) seen.volume = VOLUME_NAME_PATTERN.test(raw) ? raw : quote(raw);
-    const finish = (outcome: "ok" | "error", err?: unknown) => {
-      const ms = performance.now() - started;
-      metrics.observe("admin", method, outcome, ms / 1000);
-      log.info("request", { api: "admin", method, volume: seen.volume, outcome, ms: Math.round(ms), ...(err === undefined ? {} : { error: errorMessage(err) }) });
+  const handle = routeOn(service);
+  const handleBackup = routeOn(backups);
+  /** A route's handler over one service: logging, metrics, errors as `{error, kind}`, ndjson when asked. */
+  function routeOn<S>(get: () => Promise<S>) {
+    return (method: string, work: (c: Context, s: S, progress: Progress, seen: { volume?: string }) => Promise<unknown>) => async (c: Context) => {
+      const started = performance.now();
+      const seen: { volume?: string } = {};
+      const raw = c.req.param("volume");
+      if (raw !== undefined) seen.volume = VOLUME_NAME_PATTERN.test(raw) ? raw : quote(raw);
+      const finish = (outcome: "ok" | "error", err?: unknown) => {
+        const ms = performance.now() - started;
+        metrics.observe("admin", method, outcome, ms / 1000);
+        log.info("request", { api: "admin", method, volume: seen.volume, outcome, ms: Math.round(ms), ...(err === undefined ? {} : { error: errorMessage(err) }) });
+      };
+      if ((c.req.header("accept") ?? "").includes(NDJSON)) return streamed(c, get, work, seen, finish);
+      try {
+        const reply = await work(c, await get(), () => undefined, seen);
+        finish("ok");
+        return typeof reply === "string" ? c.text(reply, 200, { "Content-Type": "text/plain; version=0.0.4; charset=utf-8" }) : c.json(reply ?? {});
+      } catch (err) {
+        finish("error", err);
+        const { kind, status } = kindOf(err);
+        return c.json({ error: errorMessage(err), kind }, status);
+      }
     };
-    if ((c.req.header("accept") ?? "").includes(NDJSON)) return streamed(c, service, work, seen, finish);
-    try {
-      const reply = await work(c, await service(), () => undefined, seen);
-      finish("ok");
-      return typeof reply === "string" ? c.text(reply, 200, { "Content-Type": "text/plain; version=0.0.4; charset=utf-8" }) : c.json(reply ?? {});
-    } catch (err) {
-      finish("error", err);
-      const { kind, status } = kindOf(err);
-      return c.json({ error: errorMessage(err), kind }, status);
-    }
-  };
+  }
 
   app.get("/v1/volumes", handle("volumes", async (_c, s) => ({ volumes: await s.volumes() })));
   app.get("/v1/volumes/:volume", handle("volume", async (c, s) => s.volume(nameParam(c, "volume", VolumeNameSchema))));
@@ -129,6 +154,37 @@ export function createAdminApp(service: () => Promise<AdminService>, log: Logger
       return s.rollback(name, (await readJson(c, RollbackBody)).snapshot, progress);
     }),
   );
+  app.post(
+    "/v1/volumes/:volume/backups",
+    handleBackup("backup.create", async (c, b, progress) => {
+      const name = nameParam(c, "volume", VolumeNameSchema);
+      return b.createBackup(name, (await readJson(c, BackupBody)).to, progress);
+    }),
+  );
+  app.get(
+    "/v1/backups",
+    handleBackup("backup.ls", async (c, b) => {
+      const to = targetQuery(c);
+      const volume = c.req.query("volume");
+      return { backups: await b.backups(to, volume === undefined ? undefined : checkName(VolumeNameSchema, volume)) };
+    }),
+  );
+  app.delete(
+    "/v1/backups/:id",
+    handleBackup("backup.rm", async (c, b) => b.removeBackup(targetQuery(c), backupIdParam(c))),
+  );
+  app.post(
+    "/v1/backups/:id/verify",
+    handleBackup("backup.verify", async (c, b) => b.verifyBackup((await readJson(c, VerifyBody)).to, backupIdParam(c))),
+  );
+  app.post(
+    "/v1/restore",
+    handleBackup("restore", async (c, b, progress, seen) => {
+      const r = await readJson(c, RestoreBody);
+      seen.volume = r.volume;
+      return b.restore(r.from, r.id, r.volume, progress);
+    }),
+  );
   app.get(
     "/metrics",
     handle("metrics", async (_c, s) => {
@@ -146,10 +202,10 @@ export function createAdminApp(service: () => Promise<AdminService>, log: Logger
 }
 
 /** The reply as ndjson: progress lines while the work runs, then its result or its error. */
-function streamed(
+function streamed<S>(
   c: Context,
-  service: () => Promise<AdminService>,
-  work: (c: Context, s: AdminService, progress: Progress, seen: { volume?: string }) => Promise<unknown>,
+  service: () => Promise<S>,
+  work: (c: Context, s: S, progress: Progress, seen: { volume?: string }) => Promise<unknown>,
   seen: { volume?: string },
   finish: (outcome: "ok" | "error", err?: unknown) => void,
 ): Response {

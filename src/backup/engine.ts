@@ -3,7 +3,7 @@ import { errorMessage, InvalidRequestError, quote, ThinvolError } from "../error
 import { checkSnapshotName, checkVolumeName } from "../volumes/options.js";
 import { blockCount, blockKey, blockRange, compressBlock, COMPRESSION, DEFAULT_BLOCK_SIZE_BYTES, digestOf, isZeroBlock } from "./blocks.js";
 import { Lease, type LeaseOptions } from "./lease.js";
-import { manifestKey, MANIFEST_FORMAT, newBackupId, serializeManifest, type BlockEntry, type Manifest } from "./manifest.js";
+import { BACKUP_ID_PATTERN, manifestKey, MANIFEST_FORMAT, newBackupId, serializeManifest, type BlockEntry, type Manifest } from "./manifest.js";
 import { DEFAULT_CONCURRENCY, forEachConcurrently } from "./parallel.js";
 import { allBlocks } from "./plan.js";
 import type { BackupStore } from "./store.js";
@@ -29,6 +29,10 @@ export interface CreateBackupOptions extends LeaseOptions {
   previous?: Manifest;
   /** For a first backup only; an incremental one keeps its previous backup's. */
   blockSizeBytes?: number;
+  /** The backup's id (newBackupId); a new one by default. */
+  id?: string;
+  /** The volume's filesystem, recorded for a restore. */
+  fs?: "ext4" | "xfs";
   onProgress?: (progress: BackupProgress) => void;
   concurrency?: number;
 }
@@ -64,7 +68,8 @@ export async function createBackup(o: CreateBackupOptions): Promise<BackupSummar
     throw new InvalidRequestError(`cannot back up volume ${quote(volume)}: size ${o.sizeBytes} is not a positive multiple of 512`);
   }
   const count = blockCount(o.sizeBytes, blockSize);
-  const id = newBackupId(now());
+  const id = o.id ?? newBackupId(now());
+  if (!BACKUP_ID_PATTERN.test(id)) throw new InvalidRequestError(`invalid backup id ${quote(id)}`);
   const what = `backup ${quote(id)} of volume ${quote(volume)}`;
   const lease = await Lease.acquire(o.store, "backup", what, o);
   let handle: FileHandle | undefined;
@@ -126,6 +131,7 @@ export async function createBackup(o: CreateBackupOptions): Promise<BackupSummar
       sizeBytes: o.sizeBytes,
       blockSizeBytes: blockSize,
       compression: COMPRESSION,
+      ...(o.fs !== undefined ? { fs: o.fs } : {}),
       ...(previous ? { previous: previous.id } : {}),
       blocks,
     };

@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import * as v from "valibot";
-import { NotFoundError, quote } from "../errors.js";
-import { VOLUME_NAME_PATTERN } from "../volumes/options.js";
+import { InvalidRequestError, NotFoundError, quote } from "../errors.js";
+import { BACKUP_ID_PATTERN, VOLUME_NAME_PATTERN } from "../volumes/options.js";
 import { blockCount, COMPRESSION, DIGEST_PATTERN, MAX_BLOCK_SIZE_BYTES, MIN_BLOCK_SIZE_BYTES } from "./blocks.js";
 import { BackupDamagedError } from "./errors.js";
 import type { BackupStore } from "./store.js";
@@ -30,16 +30,14 @@ export interface Manifest {
   sizeBytes: number;
   blockSizeBytes: number;
   compression: typeof COMPRESSION;
+  /** The volume's filesystem: a restored volume gets it. Absent in records of a backup library used on its own. */
+  fs?: "ext4" | "xfs";
   /** The backup this one was made incrementally to: for information only. */
   previous?: string;
   blocks: BlockEntry[];
 }
 
-/**
- * Backup ids: sortable by time to the millisecond (a volume's backups list in the order they
- * were taken, even two in one second), unique without coordination, and valid key segments.
- */
-export const BACKUP_ID_PATTERN = /^\d{8}T\d{9}Z-[0-9a-f]{8}$/;
+export { BACKUP_ID_PATTERN };
 
 export function newBackupId(now: Date): string {
   const stamp = now.toISOString().replace(/[-:.]/g, "");
@@ -80,6 +78,7 @@ const ManifestSchema = v.object({
     v.check((n) => (n & (n - 1)) === 0, "blockSizeBytes must be a power of two"),
   ),
   compression: v.literal(COMPRESSION),
+  fs: v.optional(v.picklist(["ext4", "xfs"], "fs must be ext4 or xfs")),
   previous: v.optional(v.pipe(v.string(), v.regex(BACKUP_ID_PATTERN, "invalid previous backup id"))),
   blocks: v.array(v.tuple([Index, Digest])),
 });
@@ -126,8 +125,8 @@ export function parseManifest(data: Uint8Array | string, where: ManifestWhere): 
     if (index <= last) refuse(`blocks.${i}: index ${index} is not after ${last} (indices must be sorted and unique)`);
     last = index;
   }
-  const { previous, ...rest } = m;
-  return { ...rest, ...(previous !== undefined ? { previous } : {}) };
+  const { previous, fs, ...rest } = m;
+  return { ...rest, ...(fs !== undefined ? { fs } : {}), ...(previous !== undefined ? { previous } : {}) };
 }
 
 export function serializeManifest(m: Manifest): string {
@@ -146,4 +145,12 @@ export async function listBackups(store: BackupStore, volume?: string): Promise<
   const keys = await store.list(volume === undefined ? "backups/" : `backups/${volume}/`);
   const found = keys.map(parseManifestKey).filter((k): k is ManifestWhere => k !== undefined);
   return found.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : a.volume < b.volume ? -1 : 1));
+}
+
+/** A backup found by its id alone (ids are unique at a target). */
+export async function findManifest(store: BackupStore, id: string): Promise<Manifest> {
+  if (typeof id !== "string" || !BACKUP_ID_PATTERN.test(id)) throw new InvalidRequestError(`invalid backup id ${quote(String(id), 80)}: thinvol backup ls shows the ids`);
+  const found = (await listBackups(store)).find((b) => b.id === id);
+  if (!found) throw new NotFoundError(`backup ${quote(id)} is not at ${store.url} (thinvol backup ls --to ${store.url} shows what is there)`);
+  return readManifest(store, found.volume, found.id);
 }

@@ -24,6 +24,8 @@ export interface Context {
    * a callback for the plugin's events, drawn on one line labelled `label`.
    */
   change<T>(label: string, call: (onProgress: OnProgress | undefined) => Promise<T>): Promise<T>;
+  /** The backup target `--to` (or `--from`) gave, else THINVOL_BACKUP_TARGET; a usage error without one. */
+  target(option: "to" | "from"): string;
 }
 
 export interface Command {

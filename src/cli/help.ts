@@ -7,6 +7,8 @@ const OPTIONS = `Options (anywhere on the line):
   --plugin NAME   the plugin's name in Docker (default: thinvol)
   --socket PATH   use this admin socket; do not ask Docker where it is
   --json          print the API's reply as JSON (errors too, on stdout)
+  --to URL        backups: the target (file:///path or s3://bucket/prefix)
+  --from URL      restore: where the backup is
   -h, --help      show help
   --version       print the version
 `;

@@ -4,7 +4,7 @@ import { usageOf, type Command } from "./command.js";
 import { COMMANDS, GROUPS, findCommand, groupCommands } from "./commands/index.js";
 import { UsageError } from "./errors.js";
 import { commandHelp, groupHelp, mainHelp } from "./help.js";
-import { PluginName, SocketPath, check, type ArgSchema } from "./validate.js";
+import { BackupTarget, PluginName, SocketPath, check, type ArgSchema } from "./validate.js";
 
 export const DEFAULT_PLUGIN = "thinvol";
 
@@ -12,6 +12,9 @@ export interface Globals {
   plugin: string;
   socket?: string;
   json: boolean;
+  /** Backup targets: `--to` where backups go, `--from` where a restore reads. */
+  to?: string;
+  from?: string;
 }
 
 export type Invocation =
@@ -23,6 +26,8 @@ const OPTIONS = {
   plugin: { type: "string" },
   socket: { type: "string" },
   json: { type: "boolean" },
+  to: { type: "string" },
+  from: { type: "string" },
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
 } as const;
@@ -47,6 +52,8 @@ export function parseCommandLine(argv: readonly string[]): { globals: Globals; i
   const { values, positionals } = parsed;
   const globals: Globals = { plugin: valid(PluginName, values.plugin ?? DEFAULT_PLUGIN, ""), json: values.json ?? false };
   if (values.socket !== undefined) globals.socket = valid(SocketPath, values.socket, "");
+  if (values.to !== undefined) globals.to = valid(BackupTarget, values.to, topicOf(argv));
+  if (values.from !== undefined) globals.from = valid(BackupTarget, values.from, topicOf(argv));
   if (values.version) return { globals, invocation: { kind: "version" } };
   return { globals, invocation: resolve(positionals, values.help ?? false) };
 }

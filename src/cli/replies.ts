@@ -76,3 +76,40 @@ export const StreamEvent = v.variant("event", [
   v.looseObject({ event: v.literal("error"), error: v.string(), kind: v.optional(v.string(), "error") }),
 ]);
 export type Progress = { message: string; done?: number | undefined; total?: number | undefined };
+
+export const BackupReply = v.looseObject({
+  id: v.string(),
+  volume: v.string(),
+  createdAt: v.string(),
+  sizeBytes: Bytes,
+  filesystem: v.optional(v.string()),
+  blocks: Count,
+  dataBytes: Bytes,
+  previous: v.optional(v.string()),
+});
+export type Backup = v.InferOutput<typeof BackupReply>;
+
+export const BackupListReply = v.looseObject({ backups: v.array(BackupReply) });
+
+export const BackupResultReply = v.looseObject({
+  ...BackupReply.entries,
+  target: v.string(),
+  blocksRead: Count,
+  blocksChanged: Count,
+  blocksUploaded: Count,
+  bytesRead: Bytes,
+  bytesUploaded: Bytes,
+  incremental: v.boolean(),
+  durationMs: Bytes,
+});
+
+export const BackupRemovalReply = v.looseObject({ id: v.string(), volume: v.string(), blocksDeleted: Count, blocksKept: Count });
+
+export const VerifyReply = v.looseObject({
+  id: v.string(),
+  volume: v.string(),
+  ok: v.boolean(),
+  blocksChecked: Count,
+  missing: v.array(Count),
+  damaged: v.array(Count),
+});

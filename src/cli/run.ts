@@ -5,6 +5,7 @@ import { discoverAdminSocket } from "./discovery.js";
 import { CliError, EXIT_FAILURE, EXIT_OK, UsageError } from "./errors.js";
 import { json } from "./format.js";
 import { parseCommandLine, wantsJson, type Globals } from "./parse.js";
+import { BackupTarget, check } from "./validate.js";
 import { ProgressLine } from "./progress.js";
 import { version } from "./version.js";
 
@@ -31,7 +32,7 @@ export async function run(argv: readonly string[], io: Io): Promise<number> {
         io.stdout(`thinvol ${version()}\n`);
         return EXIT_OK;
       case "run": {
-        const output = await invocation.command.run(context(globals, io), invocation.args);
+        const output = await invocation.command.run(context(globals, io, invocation.command.name), invocation.args);
         io.stdout(globals.json && output.json !== undefined ? json(output.json) : output.text);
         return EXIT_OK;
       }
@@ -41,12 +42,19 @@ export async function run(argv: readonly string[], io: Io): Promise<number> {
   }
 }
 
-function context(globals: Globals, io: Io): Context {
+function context(globals: Globals, io: Io, topic: string): Context {
   const locate = (): Promise<AdminSocket> =>
     globals.socket !== undefined ? Promise.resolve({ path: globals.socket }) : discoverAdminSocket(globals.plugin, io.env);
   const showProgress = io.stderrIsTTY && !globals.json;
   return {
     client: new AdminClient(locate),
+    target(option) {
+      const given = globals[option] ?? io.env["THINVOL_BACKUP_TARGET"];
+      if (given === undefined || given === "") throw new UsageError(`${topic} needs --${option} URL (file:///path or s3://bucket/prefix), or THINVOL_BACKUP_TARGET set`, topic);
+      const result = check(BackupTarget, given);
+      if (!result.ok) throw new UsageError(result.message, topic);
+      return result.value;
+    },
     async change(label, call) {
       if (!showProgress) return call(undefined);
       const line = new ProgressLine(label, io.stderr, io.now, io.stderrColumns);

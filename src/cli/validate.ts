@@ -1,7 +1,7 @@
 import * as v from "valibot";
 import { quote } from "../errors.js";
 import { parseSize } from "../size.js";
-import { SnapshotNameSchema, VolumeNameSchema } from "../volumes/options.js";
+import { BACKUP_ID_PATTERN, SnapshotNameSchema, VolumeNameSchema } from "../volumes/options.js";
 
 /** Validators for what the user types: each message names the argument and says what is allowed. */
 export type ArgSchema = v.GenericSchema<string, string>;
@@ -36,6 +36,19 @@ export const PluginName: ArgSchema = v.pipe(
     (i) => `invalid plugin name ${quote(String(i.input))}: use a plugin reference such as thinvol or user/thinvol:1.0`,
   ),
   v.check((s) => !s.split("/").includes(".."), (i) => `invalid plugin name ${quote(String(i.input))}`),
+);
+
+/** `--to` / `--from`: a backup target. The plugin checks the rest (bucket names, the backups mount). */
+export const BackupTarget: ArgSchema = v.pipe(
+  v.string(),
+  v.regex(/^(file:\/\/\/|s3:\/\/[^/\s])\S*$/, (i) => `invalid backup target ${quote(String(i.input))}: use file:///path (a directory on this host) or s3://bucket/prefix`),
+  v.maxLength(1024, "a backup target is at most 1024 characters"),
+);
+
+/** A backup's id, as `thinvol backup ls` shows it. */
+export const BackupId: ArgSchema = v.pipe(
+  v.string(),
+  v.regex(BACKUP_ID_PATTERN, (i) => `invalid backup id ${quote(String(i.input))}: ids look like 20261129T101500123Z-1a2b3c4d (thinvol backup ls shows them)`),
 );
 
 export const SocketPath: ArgSchema = v.pipe(v.string(), v.nonEmpty("--socket needs the path of the admin socket"));

@@ -1,4 +1,4 @@
-import type { AdminService, VolumeService } from "./types.js";
+import type { AdminService, BackupAdmin, VolumeService } from "./types.js";
 
 /**
  * A VolumeService that holds requests until the real one is ready. The socket
@@ -9,6 +9,7 @@ import type { AdminService, VolumeService } from "./types.js";
 export class DeferredVolumeService implements VolumeService {
   private readonly ready: Promise<VolumeService & AdminService>;
   private resolve!: (s: VolumeService & AdminService) => void;
+  private backupService: BackupAdmin | undefined;
   private reject!: (e: unknown) => void;
 
   constructor() {
@@ -19,8 +20,15 @@ export class DeferredVolumeService implements VolumeService {
     this.ready.catch(() => undefined);
   }
 
-  serve(service: VolumeService & AdminService): void {
+  serve(service: VolumeService & AdminService, backups: BackupAdmin): void {
+    this.backupService = backups;
     this.resolve(service);
+  }
+
+  /** The backup service, once start-up is done; the start-up error otherwise. */
+  async backups(): Promise<BackupAdmin> {
+    await this.ready;
+    return this.backupService as BackupAdmin;
   }
 
   /** The admin API's service, once start-up is done; the start-up error otherwise. */

@@ -1,6 +1,10 @@
 import { chmod, chown, mkdir, rm, rmdir, statfs } from "node:fs/promises";
 import { join } from "node:path";
-import { ConflictError, NotFoundError, ThinvolError, errorMessage } from "../errors.js";
+import { findManifest } from "../backup/manifest.js";
+import type { Manifest } from "../backup/manifest.js";
+import { restoreBackup } from "../backup/restore.js";
+import type { BackupStore } from "../backup/store.js";
+import { ConflictError, InvalidRequestError, NotFoundError, ThinvolError, errorMessage, inContext } from "../errors.js";
 import type { Logger } from "../log.js";
 import type { Pool, PoolUsage } from "../pool/types.js";
 import { formatSize } from "../size.js";
@@ -37,7 +41,12 @@ export interface VolumeManagerOptions {
   readMounts?: () => Promise<MountEntry[]>;
   /** Whether a mounted ext4 filesystem can grow (CAP_SYS_RESOURCE); tests substitute their own. */
   canGrowExt4Online?: () => Promise<boolean>;
+  /** Opens a backup target (`-o backup=URL#ID`); without it, restores are refused. */
+  openBackupTarget?: (url: string) => Promise<BackupStore>;
 }
+
+/** Snapshots a backup takes are named so; users cannot take such names. */
+export const BACKUP_SNAPSHOT_PREFIX = "backup-";
 
 function totalReferences(record: VolumeRecord): number {
   let total = 0;
@@ -53,6 +62,16 @@ const UNCHANGED_ID = -1;
 
 const noProgress: Progress = () => undefined;
 
+/** A long copy reports its progress at most this often. */
+export const PROGRESS_INTERVAL_MS = 1000;
+
+export interface BackupStart {
+  snapshot: SnapshotDetail;
+  fs: FsType;
+  /** Snapshots earlier backups of the volume to the same target left, oldest first. */
+  earlier: SnapshotRecord[];
+}
+
 const quoteNames = (names: readonly string[]) => names.map((n) => `"${n}"`).join(", ");
 
 /**
@@ -63,6 +82,8 @@ const quoteNames = (names: readonly string[]) => names.map((n) => `"${n}"`).join
  */
 export class VolumeManager implements VolumeService, AdminService {
   private readonly locks = new KeyedLock();
+  /** Backups running, by volume: such a volume is not removed meanwhile. */
+  private readonly backupsRunning = new Map<string, number>();
   private readonly readMounts: () => Promise<MountEntry[]>;
 
   private readonly canGrowExt4Online: () => Promise<boolean>;
@@ -90,9 +111,11 @@ export class VolumeManager implements VolumeService, AdminService {
 
   // ---- create ----------------------------------------------------------------
 
-  async create(rawName: string, rawOptions: Readonly<Record<string, string>> | null): Promise<void> {
+  async create(rawName: string, rawOptions: Readonly<Record<string, string>> | null, progress: Progress = noProgress): Promise<void> {
     const name = checkVolumeName(rawName);
     const options = parseCreateOptions(name, rawOptions);
+    // The backup's record is read before anything changes: a wrong id or target changes nothing.
+    const restoreFrom = options.backup && (await this.findBackup(name, options.backup.url, options.backup.id));
     const lockKeys = options.from ? [name, options.from] : [name];
     await this.locks.with(lockKeys, async () => {
       const existing = await this.o.records.get(name);
@@ -136,6 +159,9 @@ export class VolumeManager implements VolumeService, AdminService {
         }
         fs = origin.fs;
         sizeBytes = originSize;
+      } else if (restoreFrom) {
+        fs = restoreFrom.manifest.fs as FsType;
+        sizeBytes = restoreFrom.manifest.sizeBytes;
       } else {
         fs = options.fs ?? this.o.defaultFs;
         sizeBytes = checkSize(name, options.sizeBytes ?? this.o.defaultSizeBytes, fs);
@@ -159,6 +185,7 @@ export class VolumeManager implements VolumeService, AdminService {
         mounts: new Map(),
       };
       if (origin) record.origin = snapshot ? `${origin.name}@${snapshot.name}` : origin.name;
+      if (restoreFrom) record.origin = `${restoreFrom.store.url}#${restoreFrom.manifest.id}`;
       if (options.uid !== undefined) record.uid = options.uid;
       if (options.gid !== undefined) record.gid = options.gid;
       if (options.mode !== undefined) record.mode = options.mode;
@@ -173,7 +200,8 @@ export class VolumeManager implements VolumeService, AdminService {
         } else {
           await this.o.pool.create(name, sizeBytes);
         }
-        await this.prepareFilesystem(record, !origin);
+        if (restoreFrom) await this.restoreInto(name, restoreFrom, progress);
+        await this.prepareFilesystem(record, !origin && !restoreFrom);
         record.state = "ready";
         await this.o.records.save(record);
       } catch (err) {
@@ -188,6 +216,43 @@ export class VolumeManager implements VolumeService, AdminService {
   private async quiesceOptions(origin: VolumeRecord): Promise<{ originMountpoint?: string }> {
     const mounted = totalReferences(origin) > 0 && (await this.isMounted(origin.name));
     return mounted ? { originMountpoint: this.mountpointOf(origin.name) } : {};
+  }
+
+  /** The backup a `backup=URL#ID` option names, read and checked: it must say which filesystem it holds. */
+  private async findBackup(name: string, url: string, id: string): Promise<{ store: BackupStore; manifest: Manifest }> {
+    const what = `cannot create volume "${name}" from backup "${id}" at ${url}`;
+    if (!this.o.openBackupTarget) throw new InvalidRequestError(`${what}: this server has no backup targets`);
+    try {
+      const store = await this.o.openBackupTarget(url);
+      const manifest = await findManifest(store, id);
+      if (manifest.fs === undefined) throw new InvalidRequestError(`the backup does not record its filesystem`);
+      return { store, manifest };
+    } catch (err) {
+      throw inContext(err, what);
+    }
+  }
+
+  /** Writes a backup into the new volume's empty device: only the blocks it names, so the volume stays thin. */
+  private async restoreInto(name: string, from: { store: BackupStore; manifest: Manifest }, progress: Progress): Promise<void> {
+    const device = await this.o.pool.activate(name);
+    const m = from.manifest;
+    progress(`restoring backup "${m.id}" of volume "${m.volume}" (${formatSize(m.sizeBytes)}, ${m.blocks.length} blocks) into volume "${name}"`);
+    let lastShown = 0;
+    try {
+      const summary = await restoreBackup({
+        store: from.store,
+        manifest: m,
+        device,
+        onProgress: (p) => {
+          if (Date.now() - lastShown < PROGRESS_INTERVAL_MS && p.blocksDone < p.blocksTotal) return;
+          lastShown = Date.now();
+          progress(`restored ${p.blocksDone}/${p.blocksTotal} blocks (${formatSize(p.bytesWritten)})`);
+        },
+      });
+      this.o.log.info("volume restored from a backup", { volume: name, backup: m.id, from: from.store.url, blocks: summary.blocksWritten, bytes: summary.bytesWritten, ms: summary.durationMs });
+    } finally {
+      await this.o.pool.deactivate(name);
+    }
   }
 
   /** Makes the filesystem (for a new volume) and sets up its root directory. */
@@ -242,13 +307,18 @@ export class VolumeManager implements VolumeService, AdminService {
         await this.finishRemove(record);
         return;
       }
-      const snapshots = (record.snapshots ?? []).map((x) => x.name);
+      if ((this.backupsRunning.get(name) ?? 0) > 0) {
+        throw new ConflictError(`cannot remove volume "${name}": a backup of it is running; try again when it is done`);
+      }
+      const snapshots = (record.snapshots ?? []).filter((x) => x.backup === undefined).map((x) => x.name);
       if (snapshots.length > 0) {
         throw new ConflictError(
           `cannot remove volume "${name}": it has ${snapshots.length === 1 ? "a snapshot" : "snapshots"} ${quoteNames(snapshots)}; ` +
             `remove ${snapshots.length === 1 ? "it" : "them"} first with ${snapshots.map((x) => `thinvol snapshot rm ${name} ${x}`).join(" and ")}`,
         );
       }
+      // The snapshots backups took only tell the next backup what changed: they go with the volume.
+      for (const x of record.snapshots ?? []) await this.dropSnapshot(record, x.name);
       // Docker calls Remove only when no container uses the volume, so a mount left behind is
       // forced away. It goes before the intent is saved: if it fails (busy), nothing has changed.
       if (await this.isMounted(name)) {
@@ -531,6 +601,13 @@ export class VolumeManager implements VolumeService, AdminService {
   async createSnapshot(rawVolume: string, rawSnapshot: string, progress: Progress = noProgress): Promise<SnapshotDetail> {
     const name = checkVolumeName(rawVolume);
     const snap = checkSnapshotName(rawSnapshot);
+    if (snap.startsWith(BACKUP_SNAPSHOT_PREFIX)) {
+      throw new InvalidRequestError(`cannot snapshot volume "${name}" as "${snap}": names starting with "${BACKUP_SNAPSHOT_PREFIX}" are kept for the snapshots backups take`);
+    }
+    return this.takeSnapshot(name, snap, progress);
+  }
+
+  private takeSnapshot(name: string, snap: string, progress: Progress, backup?: { target: string; id: string }): Promise<SnapshotDetail> {
     return this.locks.with(name, async () => {
       const record = await this.load(name);
       const existing = record.snapshots?.find((x) => x.name === snap);
@@ -538,6 +615,7 @@ export class VolumeManager implements VolumeService, AdminService {
       // The leftovers of an attempt that failed and could not be cleaned up at the time.
       if (existing) await this.dropSnapshot(record, snap);
       const entry: SnapshotRecord = { name: snap, state: "creating", createdAt: new Date().toISOString(), sizeBytes: record.sizeBytes };
+      if (backup) entry.backup = backup;
       record.snapshots = [...(record.snapshots ?? []), entry];
       await this.o.records.save(record);
       const quiesce = await this.quiesceOptions(record);
@@ -583,6 +661,51 @@ export class VolumeManager implements VolumeService, AdminService {
     record.snapshots = (record.snapshots ?? []).filter((x) => x.name !== snap);
     if (record.snapshots.length === 0) delete record.snapshots;
     await this.o.records.save(record);
+  }
+
+  /**
+   * The start of a backup of `volume` to `target`: a snapshot for it (a mounted filesystem
+   * frozen for the instant), and the volume kept from removal until finishBackup. Returns
+   * the snapshot, the volume's filesystem and the snapshots earlier backups to that target
+   * left (the newest tells what changed since).
+   */
+  async startBackup(rawVolume: string, target: string, id: string, progress: Progress = noProgress): Promise<BackupStart> {
+    const name = checkVolumeName(rawVolume);
+    const snap = `${BACKUP_SNAPSHOT_PREFIX}${id}`;
+    checkSnapshotName(snap);
+    this.backupsRunning.set(name, (this.backupsRunning.get(name) ?? 0) + 1);
+    try {
+      const snapshot = await this.takeSnapshot(name, snap, progress, { target, id });
+      const record = await this.load(name);
+      const earlier = readySnapshots(record).filter((x) => x.backup?.target === target && x.name !== snap);
+      return { snapshot, fs: record.fs, earlier };
+    } catch (err) {
+      this.endBackup(name);
+      throw err;
+    }
+  }
+
+  /**
+   * The end of a backup startBackup began. Done: the snapshots earlier backups to the same
+   * target left go, the new one stays for the next backup. Failed: the new one goes.
+   */
+  async finishBackup(volume: string, target: string, snap: string, done: boolean): Promise<void> {
+    try {
+      await this.locks.with(volume, async () => {
+        const record = await this.o.records.get(volume);
+        if (!record || record.state !== "ready") return;
+        const drop = (record.snapshots ?? []).filter((x) => (done ? x.backup?.target === target && x.name !== snap : x.name === snap));
+        for (const x of drop) await this.dropSnapshot(record, x.name);
+      });
+    } finally {
+      this.endBackup(volume);
+    }
+  }
+
+  private endBackup(name: string): void {
+    const n = (this.backupsRunning.get(name) ?? 1) - 1;
+    if (n > 0) this.backupsRunning.set(name, n);
+    else this.backupsRunning.delete(name);
   }
 
   /**

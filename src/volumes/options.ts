@@ -37,6 +37,15 @@ export function checkName(schema: typeof VolumeNameSchema, name: unknown): strin
   return result.output;
 }
 
+/**
+ * Backup ids: sortable by time to the millisecond (a volume's backups list in the order they
+ * were taken, even two in one second), unique without coordination, and valid key segments.
+ */
+export const BACKUP_ID_PATTERN = /^\d{8}T\d{9}Z-[0-9a-f]{8}$/;
+
+/** `backup=URL#ID`: the target's URL, then the backup's id. */
+const BACKUP_OPTION_PATTERN = /^((?:file|s3):\/\/[^#\s]+)#(\d{8}T\d{9}Z-[0-9a-f]{8})$/;
+
 /** `from=VOLUME` or `from=VOLUME@SNAPSHOT`, each name as VOLUME_NAME_PATTERN has it. */
 const NAME = VOLUME_NAME_PATTERN.source.slice(1, -1);
 const FROM_PATTERN = new RegExp(`^(${NAME})(?:@(${NAME}))?$`);
@@ -45,7 +54,7 @@ export function checkVolumeName(name: unknown): string {
   return checkName(VolumeNameSchema, name);
 }
 
-export const ALLOWED_OPTIONS = ["size", "fs", "from", "uid", "gid", "mode", "mountopts"] as const;
+export const ALLOWED_OPTIONS = ["size", "fs", "from", "backup", "uid", "gid", "mode", "mountopts"] as const;
 
 /**
  * Every allowed value fits easily (all mount options together are about 100
@@ -82,6 +91,8 @@ export interface CreateOptions {
   from?: string;
   /** With `from=VOLUME@SNAPSHOT`: the volume's snapshot to copy. */
   fromSnapshot?: string;
+  /** `backup=URL#ID`: restore that backup into the new volume. */
+  backup?: { url: string; id: string };
   uid?: number;
   gid?: number;
   mode?: number;
@@ -118,6 +129,12 @@ const OptionsSchema = v.object(
       v.pipe(
         v.string(),
         v.regex(FROM_PATTERN, (i) => `from ${quote(String(i.input))} is not a valid volume name, nor VOLUME@SNAPSHOT`),
+      ),
+    ),
+    backup: v.optional(
+      v.pipe(
+        v.string(),
+        v.regex(BACKUP_OPTION_PATTERN, (i) => `backup ${quote(String(i.input))} is not URL#ID, such as s3://bucket/prefix#20261129T101500123Z-1a2b3c4d or file:///mnt/backup#ID (thinvol backup ls shows the ids)`),
       ),
     ),
     uid: v.optional(idSchema("uid")),
@@ -176,6 +193,14 @@ export function parseCreateOptions(volume: string, raw: Readonly<Record<string, 
     const [, from, snapshot] = FROM_PATTERN.exec(o.from) ?? [];
     if (from !== undefined) options.from = from;
     if (snapshot !== undefined) options.fromSnapshot = snapshot;
+  }
+  if (o.backup !== undefined) {
+    const [, url = "", id = ""] = BACKUP_OPTION_PATTERN.exec(o.backup) ?? [];
+    options.backup = { url, id };
+    const conflicting = (["from", "size", "fs"] as const).filter((k) => o[k] !== undefined);
+    if (conflicting.length > 0) {
+      throw new InvalidRequestError(`${what}: a volume restored from a backup has the backup's size and filesystem; leave out ${conflicting.join(" and ")} (grow it afterwards with thinvol resize)`);
+    }
   }
   if (o.uid !== undefined) options.uid = o.uid;
   if (o.gid !== undefined) options.gid = o.gid;

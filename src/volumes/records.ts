@@ -32,6 +32,11 @@ const SnapshotSchema = v.object({
   createdAt: v.string(),
   /** The volume's size when the snapshot was taken: a rollback or a clone gets this size. */
   sizeBytes: v.number(),
+  /**
+   * Set on a snapshot a backup took: the next backup to the same target finds what changed
+   * since it. It is thinvol's own: removed with the volume, or once a newer backup replaces it.
+   */
+  backup: v.optional(v.object({ target: v.string(), id: v.string() })),
 });
 
 const fields = {

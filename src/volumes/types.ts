@@ -78,3 +78,12 @@ export interface AdminService {
   removeSnapshot(volume: string, name: string, progress?: Progress): Promise<void>;
   rollback(volume: string, snapshot: string, progress?: Progress): Promise<VolumeDetail>;
 }
+
+/** What the admin API needs for backups (see BackupService). */
+export interface BackupAdmin {
+  createBackup(volume: string, url: string, progress?: Progress): Promise<object>;
+  backups(url: string, volume?: string): Promise<object[]>;
+  removeBackup(url: string, id: string): Promise<object>;
+  verifyBackup(url: string, id: string): Promise<object>;
+  restore(url: string, id: string, volume: string, progress?: Progress): Promise<VolumeDetail>;
+}

@@ -89,7 +89,7 @@ describe("Docker VolumeDriver protocol", () => {
     const app = createApp(svc, silentLogger);
     const res = await call(app, "VolumeDriver.Create", JSON.stringify({ Name: "db", Opts: { color: "red" } }));
     assert.equal(res.status, 500);
-    assert.match(String(res.json["Err"]), /unknown option "color".*size, fs, from, uid, gid, mode, mountopts/);
+    assert.match(String(res.json["Err"]), /unknown option "color".*size, fs, from, backup, uid, gid, mode, mountopts/);
     assert.equal(svc.volumes.size, 0);
   });
 

@@ -34,8 +34,18 @@ describe("volume options", () => {
     );
   });
   test("null options are no options", () => assert.deepEqual(parseCreateOptions("v", null), { mountOptions: [] }));
+  test("backup=URL#ID names a target and a backup id; size, fs and from cannot go with it", () => {
+    const id = "20261129T101500123Z-1a2b3c4d";
+    assert.deepEqual(parseCreateOptions("v", { backup: `s3://bucket/some/prefix#${id}` }).backup, { url: "s3://bucket/some/prefix", id });
+    assert.deepEqual(parseCreateOptions("v", { backup: `file:///mnt/backup#${id}`, uid: "70" }).backup, { url: "file:///mnt/backup", id });
+    for (const bad of ["s3://bucket", `http://x/y#${id}`, `s3://b/p#12`, `s3://b/p#${id}#${id}`, `#${id}`, `s3://b p#${id}`]) {
+      assert.throws(() => parseCreateOptions("v", { backup: bad }), /is not URL#ID/, bad);
+    }
+    assert.throws(() => parseCreateOptions("v", { backup: `s3://b/p#${id}`, size: "1G", fs: "xfs" }), /has the backup's size and filesystem; leave out size and fs/);
+    assert.throws(() => parseCreateOptions("v", { backup: `s3://b/p#${id}`, from: "w" }), /leave out from/);
+  });
   test("an unknown option names itself and lists the allowed ones", () => {
-    assert.throws(() => parseCreateOptions("v", { sise: "1G" }), /volume "v": unknown option "sise"; allowed options are size, fs, from, uid, gid, mode, mountopts/);
+    assert.throws(() => parseCreateOptions("v", { sise: "1G" }), /volume "v": unknown option "sise"; allowed options are size, fs, from, backup, uid, gid, mode, mountopts/);
   });
   test("a bad size says what a size looks like", () => {
     assert.throws(() => parseCreateOptions("v", { size: "lots" }), /size "lots" is not a size: use a number with an optional unit, such as 64M/);

@@ -9,7 +9,13 @@ rc=0
 suite() {
   echo "=== vm tier: $*"
   local start=$SECONDS
-  "$@" || rc=1
+  if ! "$@"; then
+    rc=1
+    # A test file that dies from a signal shows only "test failed": the kernel says which signal
+    # and where (a crash of node under software emulation, the OOM killer), so show what it said.
+    echo "=== vm tier: the kernel's messages about killed or crashed processes:"
+    dmesg | grep -iE 'segfault|traps:|general protection|invalid opcode|out of memory|killed process|oom-kill' | tail -20 || true
+  fi
   echo "=== vm tier: $((SECONDS - start)) s"
 }
 
