@@ -1,9 +1,13 @@
+import { randomBytes } from "node:crypto";
 import type { Server } from "node:http";
 import { join } from "node:path";
 import { createAdminApp } from "./api/admin.js";
 import { createApp } from "./api/app.js";
+import { loadLeaseOwner } from "./backup/lease.js";
+import { s3SettingsFromEnv, type S3Settings } from "./backup/s3-settings.js";
+import { openStore } from "./backup/store.js";
 import { BackupTargets } from "./backup/targets.js";
-import { StateDirTakenError, StateFormatError, ThinvolError, errorMessage } from "./errors.js";
+import { InvalidRequestError, StateDirTakenError, StateFormatError, ThinvolError, errorMessage } from "./errors.js";
 import { createLogger } from "./log.js";
 import { RequestMetrics } from "./metrics.js";
 import { selectPool } from "./pool/select.js";
@@ -24,10 +28,12 @@ const ADMIN_SOCKET = "admin.sock";
 
 async function main(): Promise<void> {
   let settings;
+  let s3: S3Settings;
   try {
     settings = loadSettings();
+    s3 = s3SettingsFromEnv(process.env);
   } catch (err) {
-    if (err instanceof SettingsError) {
+    if (err instanceof SettingsError || err instanceof InvalidRequestError) {
       process.stderr.write(`thinvol: ${err.message}\n`);
       process.exit(2);
     }
@@ -81,7 +87,7 @@ async function main(): Promise<void> {
       minFreePercent: settings.MIN_FREE_SPACE,
       log,
     });
-    const targets = new BackupTargets({ backupsDir: settings.BACKUPS_DIR, backupsSource: settings.BACKUPS_SOURCE });
+    const targets = new BackupTargets({ backupsDir: settings.BACKUPS_DIR, backupsSource: settings.BACKUPS_SOURCE, openOther: (url) => openStore(url, { s3 }) });
     const records = new RecordStore(join(settings.STATE_DIR, "volumes"));
     await records.init();
     const manager = new VolumeManager({
@@ -96,7 +102,8 @@ async function main(): Promise<void> {
       openBackupTarget: (url) => targets.open(url),
     });
     await manager.recover();
-    service.serve(manager, new BackupService({ manager, pool, log, openTarget: (url) => targets.open(url) }));
+    const holder = { owner: await loadLeaseOwner(join(settings.STATE_DIR, "backup-lease-owner")), instance: randomBytes(8).toString("hex") };
+    service.serve(manager, new BackupService({ manager, pool, log, openTarget: (url) => targets.open(url), holder }));
     log.info("ready", {
       driver: pool.driver,
       stateDir: settings.STATE_DIR,

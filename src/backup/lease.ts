@@ -1,7 +1,9 @@
 import { randomBytes } from "node:crypto";
+import { readFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import * as v from "valibot";
 import { ConflictError, quote } from "../errors.js";
+import { writeFileAtomic } from "../system/atomic-file.js";
 import type { BackupStore } from "./store.js";
 
 /**
@@ -20,7 +22,19 @@ import type { BackupStore } from "./store.js";
  */
 export type LeaseKind = "backup" | "gc";
 
+/**
+ * Who takes leases: `owner` names a pool's state (one process at a time holds it), and
+ * `instance` that process. A lease of the same owner from another instance belongs to a
+ * process that is gone (killed, or the host rebooted), so it is abandoned at once, not
+ * after `staleMs`.
+ */
+export interface LeaseHolder {
+  owner: string;
+  instance: string;
+}
+
 export interface LeaseOptions {
+  holder?: LeaseHolder;
   now?: () => Date;
   /** A lease older than this without a refresh is abandoned. Default 30 minutes. */
   staleMs?: number;
@@ -34,6 +48,8 @@ const LeaseSchema = v.object({
   host: v.string(),
   pid: v.number(),
   refreshedAt: v.pipe(v.string(), v.isoTimestamp()),
+  owner: v.optional(v.string()),
+  instance: v.optional(v.string()),
 });
 type LeaseRecord = v.InferOutput<typeof LeaseSchema>;
 
@@ -44,6 +60,7 @@ export class Lease {
     private readonly record: LeaseRecord,
     private readonly now: () => Date,
     private readonly staleMs: number,
+    private readonly holder: LeaseHolder | undefined,
   ) {}
 
   /**
@@ -54,8 +71,8 @@ export class Lease {
     const now = options.now ?? (() => new Date());
     const staleMs = options.staleMs ?? DEFAULT_LEASE_STALE_MS;
     const key = `locks/${kind}-${randomBytes(8).toString("hex")}.json`;
-    const record: LeaseRecord = { kind, what, host: hostname(), pid: process.pid, refreshedAt: now().toISOString() };
-    const lease = new Lease(store, key, record, now, staleMs);
+    const record: LeaseRecord = { kind, what, host: hostname(), pid: process.pid, refreshedAt: now().toISOString(), ...(options.holder ?? {}) };
+    const lease = new Lease(store, key, record, now, staleMs, options.holder);
     await lease.write();
     const others = await lease.others();
     const inTheWay = others.find((o) => !o.stale && (kind === "gc" || o.kind === "gc"));
@@ -84,7 +101,9 @@ export class Lease {
         continue;
       }
       const age = this.now().getTime() - Date.parse(parsed.output.refreshedAt);
-      found.push({ key, kind: parsed.output.kind, what: `${parsed.output.what} on ${parsed.output.host}`, stale: age > this.staleMs });
+      const o = parsed.output;
+      const orphan = this.holder !== undefined && o.owner === this.holder.owner && o.instance !== this.holder.instance;
+      found.push({ key, kind: o.kind, what: `${o.what} on ${o.host}`, stale: orphan || age > this.staleMs });
     }
     return found;
   }
@@ -110,4 +129,20 @@ export class Lease {
   private async write(): Promise<void> {
     await this.store.put(this.key, Buffer.from(JSON.stringify(this.record)));
   }
+}
+
+/**
+ * The lease owner id of a pool's state directory, made once and kept in `file`: leases this
+ * state's earlier processes left are then known for abandoned as soon as a new one starts.
+ */
+export async function loadLeaseOwner(file: string): Promise<string> {
+  const existing = await readFile(file, "utf8").catch((err: NodeJS.ErrnoException) => {
+    if (err.code === "ENOENT") return undefined;
+    throw err;
+  });
+  const id = existing?.trim();
+  if (id !== undefined && /^[0-9a-f]{32}$/.test(id)) return id;
+  const made = randomBytes(16).toString("hex");
+  await writeFileAtomic(file, `${made}\n`);
+  return made;
 }

@@ -1,12 +1,14 @@
 import { fileURLToPath } from "node:url";
 import { InvalidRequestError, quote } from "../errors.js";
 import { DirectoryStore } from "./directory-store.js";
+import type { StoreSettings } from "./s3-settings.js";
+import { S3Store } from "./s3-store.js";
 
 /**
  * Where backups are kept: a flat space of objects named by keys such as
  * `blocks/ab/cd/<sha256>` or `backups/<volume>/<id>.json`. Only what an object store
  * (S3) offers too: whole-object put, get, existence, listing by prefix, delete. No
- * renames, appends or locks, so an S3 store can implement it later as it stands.
+ * renames, appends or locks: DirectoryStore and S3Store both implement it as it stands.
  */
 export interface BackupStore {
   /** The target as the user wrote it (`file:///srv/backups`), for messages. */
@@ -30,10 +32,15 @@ export interface BackupStore {
 const SEGMENT = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 const KEY_MAX_CHARS = 1024;
 
+/** Whether `key` is segments joined by "/" (no leading, trailing or double "/"). */
+export function isKey(key: string): boolean {
+  return key.length <= KEY_MAX_CHARS && key.split("/").every((s) => SEGMENT.test(s));
+}
+
 /** Throws unless `key` is segments joined by "/" (no leading, trailing or double "/"). */
 export function checkKey(key: string): string[] {
   const segments = key.split("/");
-  if (key.length > KEY_MAX_CHARS || !segments.every((s) => SEGMENT.test(s))) {
+  if (!isKey(key)) {
     throw new InvalidRequestError(`invalid backup store key ${quote(key)}: use segments of letters, digits, '_', '.' or '-' joined by '/'`);
   }
   return segments;
@@ -46,8 +53,11 @@ export function checkPrefix(prefix: string): string[] {
   return checkKey(prefix.slice(0, -1));
 }
 
-/** Opens the store a `--to` URL names. Only `file:///path` for now; `s3://` comes with the S3 store. */
-export function openStore(url: string): BackupStore {
+/**
+ * Opens the store a `--to` URL names: `file:///path` or `s3://bucket/prefix`. `settings.s3`
+ * says how to reach S3 (see s3SettingsFromEnv); what it leaves out the AWS SDK looks up itself.
+ */
+export function openStore(url: string, settings: StoreSettings = {}): BackupStore {
   let parsed: URL;
   try {
     parsed = new URL(url);
@@ -58,5 +68,6 @@ export function openStore(url: string): BackupStore {
     if (parsed.host !== "") throw new InvalidRequestError(`invalid backup target ${quote(url)}: a file URL has no host (file:///path)`);
     return new DirectoryStore(fileURLToPath(parsed), url);
   }
-  throw new InvalidRequestError(`backup target ${quote(url)} is not supported yet: use file:///path`);
+  if (parsed.protocol === "s3:") return new S3Store(url, settings.s3 ?? {});
+  throw new InvalidRequestError(`backup target ${quote(url)} is not supported: use file:///path or s3://bucket/prefix`);
 }

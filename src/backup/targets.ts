@@ -44,6 +44,8 @@ export function mountRootOf(mountInfo: string, mountPoint: string): string | und
  */
 export class BackupTargets {
   private source: string | undefined;
+  /** Stores of other kinds (S3) keep a client with its connections: one per URL. */
+  private readonly others = new Map<string, BackupStore>();
 
   constructor(private readonly o: BackupTargetOptions) {}
 
@@ -56,7 +58,14 @@ export class BackupTargets {
     } catch (err) {
       throw new InvalidRequestError(`invalid backup target ${quote(url)}: use file:///path or s3://bucket/prefix`, { cause: err });
     }
-    if (parsed.protocol !== "file:") return (this.o.openOther ?? openStore)(url);
+    if (parsed.protocol !== "file:") {
+      let store = this.others.get(url);
+      if (!store) {
+        store = (this.o.openOther ?? openStore)(url);
+        this.others.set(url, store);
+      }
+      return store;
+    }
     if (parsed.host !== "" || parsed.search !== "" || parsed.hash !== "") {
       throw new InvalidRequestError(`invalid backup target ${quote(url)}: a file URL is file:///path, with no host, query or fragment`);
     }

@@ -1,11 +1,12 @@
 import { DEFAULT_BLOCK_SIZE_BYTES } from "../backup/blocks.js";
 import { createBackup, type BackupProgress, type BackupSummary } from "../backup/engine.js";
 import { collectGarbage, removeBackup, type GarbageReport } from "../backup/gc.js";
+import type { LeaseHolder, LeaseOptions } from "../backup/lease.js";
 import { findManifest, listBackups, newBackupId, readManifest, type Manifest } from "../backup/manifest.js";
 import { blocksTouching } from "../backup/plan.js";
 import { verifyBackup, type VerifyReport } from "../backup/restore.js";
 import type { BackupStore } from "../backup/store.js";
-import { errorMessage, inContext, quote } from "../errors.js";
+import { ConflictError, errorMessage, inContext, quote } from "../errors.js";
 import type { Logger } from "../log.js";
 import type { Pool } from "../pool/types.js";
 import { formatSize } from "../size.js";
@@ -18,6 +19,8 @@ export interface BackupServiceOptions {
   pool: Pool;
   log: Logger;
   openTarget: (url: string) => Promise<BackupStore>;
+  /** Marks this process's leases at targets, so that its next start knows them for abandoned. */
+  holder?: LeaseHolder;
 }
 
 /** A backup as `thinvol backup ls` shows it. */
@@ -68,7 +71,10 @@ export class BackupService implements BackupAdmin {
   constructor(private readonly o: BackupServiceOptions) {}
 
   /** A new volume holding a backup: `docker volume create -o backup=URL#ID` by another road. */
-  async restore(url: string, id: string, volume: string, progress: Progress = () => undefined): Promise<VolumeDetail> {
+  async restore(url: string, id: string, rawVolume: string, progress: Progress = () => undefined): Promise<VolumeDetail> {
+    const volume = checkVolumeName(rawVolume);
+    // Docker's create of an existing name does nothing and succeeds; a restore must not look done.
+    if (await this.o.manager.exists(volume)) throw new ConflictError(`cannot restore backup "${id}" into volume "${volume}": volume "${volume}" exists: restore into a new name`);
     await this.o.manager.create(volume, { backup: `${url}#${id}` }, progress);
     return this.o.manager.volume(volume);
   }
@@ -112,6 +118,7 @@ export class BackupService implements BackupAdmin {
           id,
           fs: start.fs,
           onProgress: throttled(progress),
+          ...this.leaseOptions(),
         });
       } finally {
         await reader.release();
@@ -149,6 +156,10 @@ export class BackupService implements BackupAdmin {
     }
   }
 
+  private leaseOptions(): LeaseOptions {
+    return this.o.holder ? { holder: this.o.holder } : {};
+  }
+
   /** The newest backup of the volume at the target, if any. */
   private async latest(store: BackupStore, volume: string): Promise<Manifest | undefined> {
     const last = (await listBackups(store, volume)).at(-1);
@@ -168,7 +179,7 @@ export class BackupService implements BackupAdmin {
     const store = await this.o.openTarget(url);
     const m = await findManifest(store, id);
     await removeBackup(store, m.volume, m.id);
-    const report = await collectGarbage(store);
+    const report = await collectGarbage(store, this.leaseOptions());
     this.o.log.info("backup removed", { backup: m.id, volume: m.volume, target: store.url, blocksDeleted: report.blocksDeleted });
     return { id: m.id, volume: m.volume, ...report };
   }

@@ -93,6 +93,11 @@ export class VolumeManager implements VolumeService, AdminService {
     this.canGrowExt4Online = o.canGrowExt4Online ?? (() => hasCapability(CAP_SYS_RESOURCE));
   }
 
+  /** Whether a volume of that name exists (being created or removed counts). */
+  async exists(name: string): Promise<boolean> {
+    return (await this.o.records.get(checkVolumeName(name))) !== undefined;
+  }
+
   mountpointOf(name: string): string {
     return join(this.o.mountDir, name);
   }
