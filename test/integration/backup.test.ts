@@ -15,6 +15,7 @@ import { after, before, describe, test } from "node:test";
 import { adminOk, callAdmin } from "../support/admin-client.js";
 import { mountsUnder, tearDownPool } from "../support/kernel.js";
 import { BUNDLE, callOk, callPlugin, serverEnv, startServer, stopServer, type ServerProcess } from "../support/plugin-client.js";
+import { startS3Server, type S3Server } from "../support/s3-server.js";
 
 const MiB = 1024 ** 2;
 const driver = process.env["THINVOL_TEST_POOL_DRIVER"] === "dm-thin" ? "dm-thin" : "loop";
@@ -73,7 +74,16 @@ describe(`backups and restores with the ${driver} pool`, () => {
   let server: ServerProcess;
   let target: string;
   let targetDir: string;
-  const env = () => serverEnv(dir, { POOL_DRIVER: driver, POOL_SIZE: "6G" });
+  let s3: S3Server;
+  const env = () =>
+    serverEnv(dir, {
+      POOL_DRIVER: driver,
+      POOL_SIZE: "6G",
+      S3_ENDPOINT: s3.settings.endpoint ?? "",
+      S3_REGION: s3.settings.region ?? "",
+      S3_ACCESS_KEY_ID: s3.settings.accessKeyId ?? "",
+      S3_SECRET_ACCESS_KEY: s3.settings.secretAccessKey ?? "",
+    });
 
   const create = (Name: string, Opts: Record<string, string> | null = null) => callOk(sock, "VolumeDriver.Create", { Name, Opts });
   const mount = async (Name: string, ID: string) => String((await callOk(sock, "VolumeDriver.Mount", { Name, ID }))["Mountpoint"]);
@@ -101,11 +111,13 @@ describe(`backups and restores with the ${driver} pool`, () => {
     adminSock = join(dir, "state", "admin.sock");
     targetDir = join(dir, "target");
     target = `file://${targetDir}`;
+    s3 = await startS3Server();
     server = await startServer(BUNDLE, env());
   });
 
   after(async () => {
     if (server) await stopServer(server);
+    await s3?.stop();
     for (const m of (await mountsUnder(join(dir, "volumes"))).reverse()) execFileSync("umount", [m]);
     await tearDownPool(dir, driver === "dm-thin" ? DM_PREFIX : undefined);
     await rm(dir, { recursive: true, force: true });
@@ -296,5 +308,25 @@ describe(`backups and restores with the ${driver} pool`, () => {
     // Its backups stay at the target.
     const listed = await adminOk(adminSock, "GET", `/v1/backups?to=${encodeURIComponent(target)}&volume=db-clone`);
     assert.equal((listed["backups"] as unknown[]).length, 1);
+  });
+
+  test("to S3: a backup and its restore through the plugin's S3 settings, byte for byte", async () => {
+    await create("s3vol", { size: "320M", fs: "xfs" });
+    const mp = await mount("s3vol", "c1");
+    for (let i = 0; i < 4; i++) await writeFile(join(mp, `f${i}`), randomBytes(6 * MiB));
+    const files = await tree(mp);
+    await unmount("s3vol", "c1");
+    const b = await adminOk(adminSock, "POST", "/v1/volumes/s3vol/backups", { to: s3.url });
+    assert.ok(Number(b["bytesUploaded"]) >= 24 * MiB);
+    const listed = await adminOk(adminSock, "GET", `/v1/backups?to=${encodeURIComponent(s3.url)}&volume=s3vol`);
+    assert.deepEqual((listed["backups"] as { id: string }[]).map((x) => x.id), [b["id"]]);
+    await create("s3back", { backup: `${s3.url}#${String(b["id"])}` });
+    if (driver === "loop") assert.equal(await shaOfFile(image("s3back")), await shaOfFile(snapshotImage("s3vol", `backup-${String(b["id"])}`)));
+    const back = await mount("s3back", "r");
+    assert.deepEqual(await tree(back), files);
+    await unmount("s3back", "r");
+    const wrong = await callAdmin(adminSock, "POST", "/v1/volumes/s3vol/backups", { to: "s3://no-such-bucket/x" });
+    assert.equal(wrong.status, 500);
+    assert.match(String(wrong.json["error"]), /cannot back up volume "s3vol" to s3:\/\/no-such-bucket\/x: .*bucket/i);
   });
 });
