@@ -92,6 +92,7 @@ mount       mount                    --version
 umount      mount                    --version
 dmsetup     dmsetup                  --version
 thin_check  thin-provisioning-tools  --version
+thin_delta  thin-provisioning-tools  --version
 mkfs.ext4   e2fsprogs                -V
 e2fsck      e2fsprogs                -V
 resize2fs   e2fsprogs                (usage)

@@ -170,6 +170,20 @@ export function changedRangesFromThinDelta(delta: ThinDelta): ByteRange[] {
   return mergeRanges(delta.ranges.filter((r) => r.kind !== "same").map((r) => ({ offset: r.begin * poolBlockBytes, length: r.length * poolBlockBytes })));
 }
 
+/**
+ * The byte ranges a thin device maps, from thin_delta of the device against itself (where
+ * every mapped run is "same"): a first backup reads only these, the rest reads as zeros.
+ */
+export function mappedRangesFromThinDelta(delta: ThinDelta): ByteRange[] {
+  const poolBlockBytes = delta.dataBlockSizeSectors * SECTOR_BYTES;
+  return mergeRanges(delta.ranges.filter((r) => r.kind !== "left_only").map((r) => ({ offset: r.begin * poolBlockBytes, length: r.length * poolBlockBytes })));
+}
+
+/** Sorted ranges cut at `sizeBytes` (a pool block may reach past a device's end): nothing at or past it. */
+export function cutRanges(ranges: readonly ByteRange[], sizeBytes: number): ByteRange[] {
+  return ranges.filter((r) => r.offset < sizeBytes).map((r) => ({ offset: r.offset, length: Math.min(r.length, sizeBytes - r.offset) }));
+}
+
 export function changedBlocksFromThinDelta(delta: ThinDelta, g: Geometry): number[] {
   return blocksTouching(changedRangesFromThinDelta(delta), g);
 }

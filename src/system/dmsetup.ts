@@ -27,6 +27,8 @@ export interface ThinPoolStatus {
   dataTotalBlocks: number;
   mode: "rw" | "ro" | "out_of_data_space";
   needsCheck: boolean;
+  /** A metadata snapshot is reserved (`reserve_metadata_snap`): its held root is shown instead of "-". */
+  metadataSnapHeld: boolean;
 }
 
 /** `dmsetup status` of a thin target. */
@@ -69,7 +71,7 @@ export function parseThinPoolStatus(name: string, text: string): ThinPoolStatus 
   const { target, rest } = splitSegment(name, "status", text);
   if (target !== "thin-pool") throw new Error(`${name} is a ${target} device, not a thin-pool`);
   if (rest[0] === "Fail") throw new Error(`thin pool ${name} has failed (dmsetup status says Fail); check the kernel log`);
-  const [tx, meta, data, , mode, ...more] = rest;
+  const [tx, meta, data, held, mode, ...more] = rest;
   const m = fraction(meta);
   const d = fraction(data);
   if (tx === undefined || !/^\d+$/.test(tx) || !m || !d || (mode !== "rw" && mode !== "ro" && mode !== "out_of_data_space")) {
@@ -83,6 +85,7 @@ export function parseThinPoolStatus(name: string, text: string): ThinPoolStatus 
     dataTotalBlocks: d[1],
     mode,
     needsCheck: more.includes("needs_check"),
+    metadataSnapHeld: held !== undefined && held !== "-",
   };
 }
 
@@ -156,8 +159,9 @@ export async function deviceInfo(runner: Runner, name: string): Promise<DmDevice
   return (await listDevices(runner)).get(name);
 }
 
-export async function createDevice(runner: Runner, name: string, table: string): Promise<void> {
-  await runner.run("dmsetup", ["create", name, "--noudevsync", "--table", table]);
+/** Creates and activates a device; `readOnly`: the kernel refuses every write to it. */
+export async function createDevice(runner: Runner, name: string, table: string, options: { readOnly?: boolean } = {}): Promise<void> {
+  await runner.run("dmsetup", ["create", name, "--noudevsync", ...(options.readOnly ? ["--readonly"] : []), "--table", table]);
 }
 
 /** Loads a table into the inactive slot; `resumeDevice` makes it live. */

@@ -7,6 +7,7 @@
 #   sudo -E npm run bench -- --scale N    N volumes through the server's socket (test/bench/scale.ts)
 #   sudo -E npm run bench -- --layers     where an fsync goes, layer by layer (test/bench/layers.sh)
 #   sudo -E npm run bench -- --vm         dm-thin's ratios, in the VM (test/bench/vm.sh)
+#   sudo -E npm run bench -- --backup     backups of 1 GiB of data, full, 1% incremental, restore (test/bench/backup.ts)
 #
 # Environment:
 #   BENCH_POOL_DRIVER  pool driver for thinvol (default loop)
@@ -27,8 +28,12 @@ case ${1:-} in
     ;;
   --layers) exec bash test/bench/layers.sh ;;
   --vm) exec bash test/bench/vm.sh ;;
+  --backup)
+    npm run --silent build >/dev/null
+    exec node --import tsx test/bench/backup.ts
+    ;;
   "") ;;
-  *) echo "usage: npm run bench [-- --scale N | --layers | --vm]" >&2; exit 2 ;;
+  *) echo "usage: npm run bench [-- --scale N | --layers | --vm | --backup]" >&2; exit 2 ;;
 esac
 # Own roots, so a benchmark and an end-to-end run never share an engine.
 export E2E_DATA_ROOT=${BENCH_DATA_ROOT:-/var/lib/thinvol-bench}

@@ -89,6 +89,8 @@ interface DmDev {
   inactive: Table | undefined;
   suspended: boolean;
   openCount: number;
+  /** Made with `dmsetup create --readonly`: the kernel refuses writes. */
+  readOnly: boolean;
 }
 
 /** What the metadata device holds. */
@@ -103,6 +105,8 @@ export interface PoolMetadata {
   dataBlocks: number;
   /** thin_check's complaint, when the metadata is damaged. */
   damage: string | undefined;
+  /** The frozen copy of the thins' mappings while a metadata snapshot is reserved (what thin_delta -m reads). */
+  metadataSnap?: Map<number, Map<number, number>> | undefined;
 }
 
 class DmFailure extends Error {}
@@ -278,6 +282,7 @@ export class FakeDmKernel {
     const t = dev.live;
     if (t?.kind !== "thin") throw new Error(`${name} is not a thin device`);
     if (dev.suspended) throw new Error(`write to suspended ${name}`);
+    if (dev.readOnly) throw new Error(`${name}: Operation not permitted (a read-only device)`);
     if (offsetBytes + lengthBytes > t.length * 512) throw new Error(`${name}: write beyond the end of the device (${t.length * 512} bytes)`);
     const pool = t.pool.live as PoolTable;
     const md = this.metaOf(pool);
@@ -364,6 +369,8 @@ export class FakeDmKernel {
         return this.blkdiscard(args);
       case "thin_check":
         return this.thinCheck(args);
+      case "thin_delta":
+        return this.thinDelta(args);
       case "fallocate":
         return this.fallocate(args);
       case "blockdev":
@@ -484,7 +491,7 @@ export class FakeDmKernel {
       case "create": {
         if (this.devices.has(name)) throw new DmFailure(`device-mapper: create ioctl on ${name}  failed: Device or resource busy`);
         if (table === undefined) return new Error("fake kernel: create without --table");
-        const dev: DmDev = { name, minor: this.nextDmMinor++, live: undefined, inactive: undefined, suspended: false, openCount: 0 };
+        const dev: DmDev = { name, minor: this.nextDmMinor++, live: undefined, inactive: undefined, suspended: false, openCount: 0, readOnly: args.includes("--readonly") };
         const t = this.parseTable(name, table, undefined);
         this.activate(dev, t);
         this.devices.set(name, dev);
@@ -645,7 +652,8 @@ export class FakeDmKernel {
       const dataUsed = this.usedDataBlocks(md);
       const mode = dataUsed >= dataTotal ? "out_of_data_space" : "rw";
       const discard = t.features.includes("no_discard_passdown") ? "no_discard_passdown" : "discard_passdown";
-      return `0 ${t.length} thin-pool ${md.transactionId} ${metaUsed}/${metaTotal} ${dataUsed}/${dataTotal} - ${mode} ${discard} error_if_no_space - ${Math.floor(metaTotal / 4)}`;
+      const held = md.metadataSnap ? String(metaTotal - 1) : "-";
+      return `0 ${t.length} thin-pool ${md.transactionId} ${metaUsed}/${metaTotal} ${dataUsed}/${dataTotal} ${held} ${mode} ${discard} error_if_no_space - ${Math.floor(metaTotal / 4)}`;
     }
     if (t.kind === "other") return `0 ${t.length} ${t.text.split(" ")[2]}`;
     const pool = t.pool.live as PoolTable;
@@ -697,6 +705,16 @@ export class FakeDmKernel {
         if (activeThinsOf(id).length > 0) throw failed("Device or resource busy");
         for (const p of map.values()) this.unref(md, p);
         md.thins.delete(id);
+        return "";
+      }
+      case "reserve_metadata_snap": {
+        if (md.metadataSnap) throw failed("Device or resource busy");
+        md.metadataSnap = new Map([...md.thins].map(([id, map]) => [id, new Map(map)]));
+        return "";
+      }
+      case "release_metadata_snap": {
+        if (!md.metadataSnap) throw failed("Invalid argument");
+        md.metadataSnap = undefined;
         return "";
       }
       case "set_transaction_id": {
@@ -760,6 +778,46 @@ export class FakeDmKernel {
     this.allocated.set(key, Math.max(have, length));
     if (statSync(key).size < length) truncateSync(key, length);
     return "";
+  }
+
+  /**
+   * `thin_delta --metadata-snap --snap1 A --snap2 B <meta loop>`: the runs of the two thins'
+   * virtual blocks, from the reserved metadata snapshot, in the tool's XML (adjacent blocks
+   * of one kind in one run, unmapped blocks in none).
+   */
+  private thinDelta(args: readonly string[]): FakeReply {
+    const a = [...args];
+    const value = (flag: string) => {
+      const i = a.indexOf(flag);
+      return i >= 0 && /^\d+$/.test(a[i + 1] ?? "") ? Number(a[i + 1]) : undefined;
+    };
+    const left = value("--snap1");
+    const right = value("--snap2");
+    const loop = this.loopByDev(a.at(-1) ?? "");
+    if (!a.includes("--metadata-snap") || left === undefined || right === undefined || !loop) return new Error(`fake kernel: unexpected thin_delta ${args.join(" ")}`);
+    const md = this.metadata.get(loop.file);
+    if (!md) return commandFailure("bad checksum in superblock");
+    if (!md.metadataSnap) return commandFailure("no current metadata snap\nUsage: thin_delta [options] <device or file>");
+    const l = md.metadataSnap.get(left);
+    const r = md.metadataSnap.get(right);
+    if (!l || !r) return commandFailure(`Unable to find mapping tree for thin device ${l ? right : left}`);
+    const pool = [...this.devices.values()].find((d) => d.live?.kind === "thin-pool" && d.live.meta === loop)?.live as PoolTable | undefined;
+    const runs: { kind: string; begin: number; length: number }[] = [];
+    for (const b of [...new Set([...l.keys(), ...r.keys()])].sort((x, y) => x - y)) {
+      const lb = l.get(b);
+      const rb = r.get(b);
+      const kind = lb === undefined ? "right_only" : rb === undefined ? "left_only" : lb === rb ? "same" : "different";
+      const last = runs.at(-1);
+      if (last && last.kind === kind && last.begin + last.length === b) last.length++;
+      else runs.push({ kind, begin: b, length: 1 });
+    }
+    return [
+      `<superblock uuid="" time="1" transaction="${md.transactionId}" data_block_size="${pool?.blockSize ?? 128}" nr_data_blocks="0">`,
+      `  <diff left="${left}" right="${right}">`,
+      ...runs.map((x) => `    <${x.kind} begin="${x.begin}" length="${x.length}"/>`),
+      "  </diff>",
+      "</superblock>",
+    ].join("\n");
   }
 
   private thinCheck(args: readonly string[]): FakeReply {

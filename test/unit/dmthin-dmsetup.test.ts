@@ -14,9 +14,16 @@ describe("dmsetup output", () => {
       dataTotalBlocks: 16384,
       mode: "rw",
       needsCheck: false,
+      metadataSnapHeld: false,
     });
     assert.equal(parseThinPoolStatus("p", "0 8 thin-pool 0 1/2 16384/16384 - out_of_data_space discard_passdown error_if_no_space needs_check 1").mode, "out_of_data_space");
     assert.equal(parseThinPoolStatus("p", "0 8 thin-pool 0 1/2 3/4 - ro discard_passdown error_if_no_space needs_check 1").needsCheck, true);
+  });
+
+  test("thin-pool status: a reserved metadata snapshot shows as its held root (Debian's kernel, after reserve_metadata_snap)", () => {
+    const s = parseThinPoolStatus("p", "0 2097152 thin-pool 0 422/4096 8/16384 51 rw discard_passdown queue_if_no_space - 1024 ");
+    assert.equal(s.metadataSnapHeld, true);
+    assert.equal(s.transactionId, 0);
   });
 
   test("a failed pool is reported, not misread", () => {

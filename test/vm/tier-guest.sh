@@ -21,8 +21,8 @@ suite() {
 
 suite node --import tsx --test --test-concurrency=1 --test-reporter=spec \
   test/vm/dmthin-smoke.test.ts test/vm/dmthin-conformance.test.ts test/vm/dmthin-specifics.test.ts \
-  test/vm/dmthin-device.test.ts test/vm/dmthin-ops.test.ts
-suite node --import tsx --test --test-concurrency=1 --test-reporter=spec test/integration/server.test.ts test/integration/operations.test.ts
+  test/vm/dmthin-device.test.ts test/vm/dmthin-ops.test.ts test/vm/dmthin-backup.test.ts
+suite node --import tsx --test --test-concurrency=1 --test-reporter=spec test/integration/server.test.ts test/integration/operations.test.ts test/integration/backup.test.ts
 # The scenarios that depend on the pool driver: size limits and space, clones, restarts.
 # (Option errors and mount sharing do not, and run in the e2e tier with the loop pool.)
 # overlay2 cannot sit on the VM's overlay root, so the engine lives on /tmp (a tmpfs there).

@@ -6,6 +6,7 @@ import { formatSize } from "../../size.js";
 import { realBlockDevices, type BlockDevices } from "../../system/blockdev.js";
 import type { Runner } from "../../system/runner.js";
 import { realHostSpace, type HostSpace } from "../host-space.js";
+import type { OpenReader } from "./readers.js";
 import { saveState, snapshotKey, type PoolState, type SnapshotRecord, type VolumeRecord } from "./state.js";
 
 export interface DmThinOptions {
@@ -79,6 +80,11 @@ export class DmThinContext {
   poolMaxBytes = 0;
   blockBytes = 0;
   headroom = 0;
+  /** Snapshot readers this process has open, by device name (readers.ts), and how many were ever opened (their names' numbers). */
+  readonly readers = new Map<string, OpenReader>();
+  readerCount = 0;
+  /** Reader devices an earlier run left that were still open at open(), with the thin id each maps. */
+  readonly leftReaders = new Map<string, number>();
   /** Warned once, until the condition clears, not on every check. */
   hostLowWarned = false;
   sparseWarned = false;

@@ -3,15 +3,17 @@ import { formatSize } from "../../size.js";
 import { dmFailureReason, listDevices, sendMessage, thinStatus } from "../../system/dmsetup.js";
 import type { CloneOptions, Pool, PoolUsage, SnapshotReader, VolumeRange } from "../types.js";
 import { growPool } from "./capacity.js";
+import { changedRangesOf } from "./changes.js";
 import { DmThinContext, type DmThinOptions, type Locked } from "./context.js";
 import { activateDevice, deactivateDevice, ownDevice, snapshotSuspended, tearDownForRemove } from "./devices.js";
 import { GrowthTimer, growLocked } from "./growth.js";
 import { allocateId, commitJournalled, deleteThinId, dropJournal, journal, setTransactionId, settlePending } from "./journal.js";
 import { closePool, openPool } from "./open.js";
+import { activateReader, clearReadersOf, deactivateReader } from "./readers.js";
 import { resizeVolume } from "./resize.js";
 import { cloneSnapshot, deleteSnapshot, rollbackVolume, snapshotsByVolume, takeSnapshot } from "./snapshots.js";
 import { checkSpace, usage } from "./space.js";
-import type { Pending } from "./state.js";
+import { snapshotKey, type Pending } from "./state.js";
 
 export type { DmThinOptions } from "./context.js";
 export { dmThinAvailable } from "./probe.js";
@@ -22,7 +24,8 @@ export { dmThinAvailable } from "./probe.js";
  * device in it.
  *
  * Its parts: the journal that makes every change crash-safe (journal.ts), the volumes'
- * devices (devices.ts), snapshots and rollback (snapshots.ts), resize (resize.ts), bring-up
+ * devices (devices.ts), snapshots and rollback (snapshots.ts), snapshot readers for backups
+ * (readers.ts) and their changed blocks (changes.ts), resize (resize.ts), bring-up
  * and close (open.ts), host-space growth (growth.ts), the pool's maximum (capacity.ts), a
  * data device's checks (device.ts) and the free-space rule (space.ts). All share one
  * context (context.ts); whatever changes the pool runs under its lock.
@@ -233,6 +236,8 @@ export class DmThinPool implements Pool {
   removeSnapshot(volume: string, snapshot: string): Promise<void> {
     const what = `remove snapshot "${snapshot}" of`;
     return this.underLock(what, volume, async (ctx, started) => {
+      const snap = ctx.openState.snapshots.get(snapshotKey(volume, snapshot));
+      if (snap) await clearReadersOf(ctx, volume, snapshot, snap);
       const id = await deleteSnapshot(ctx, volume, snapshot);
       if (id !== undefined) ctx.log.info("dm-thin snapshot removed", { volume, snapshot, id, ms: Date.now() - started });
     });
@@ -261,11 +266,38 @@ export class DmThinPool implements Pool {
     });
   }
 
+  /**
+   * Activates the snapshot's thin id read-only under a device of this reader's own
+   * (readers.ts). Until release(), removeSnapshot refuses; release() is idempotent.
+   */
   openSnapshot(volume: string, snapshot: string): Promise<SnapshotReader> {
-    return Promise.reject(new ThinvolError(`cannot read snapshot "${snapshot}" of volume "${volume}": not built for dm-thin yet`));
+    const what = `read snapshot "${snapshot}" of`;
+    return this.underLock(what, volume, async (ctx, started) => {
+      const snap = ctx.snapshot(volume, snapshot);
+      const { name, path } = await activateReader(ctx, volume, snapshot, snap);
+      ctx.log.info("dm-thin snapshot reader opened", { volume, snapshot, id: snap.id, device: name, ms: Date.now() - started });
+      let released = false;
+      const release = (): Promise<void> =>
+        this.underLock(`release the reader of snapshot "${snapshot}" of`, volume, async (ctx) => {
+          if (released || !ctx.readers.has(name)) return;
+          await deactivateReader(ctx, name);
+          released = true;
+          ctx.log.info("dm-thin snapshot reader released", { volume, snapshot, device: name });
+        }, { settle: false });
+      return { path, release };
+    });
   }
 
-  changedRanges(volume: string, snapshot: string, _since?: string): Promise<VolumeRange[]> {
-    return Promise.reject(new ThinvolError(`cannot plan a backup of snapshot "${snapshot}" of volume "${volume}": not built for dm-thin yet`));
+  /** From thin_delta on a metadata snapshot of the live pool (changes.ts). */
+  changedRanges(volume: string, snapshot: string, since?: string): Promise<VolumeRange[]> {
+    const what = since === undefined ? `list the mapped blocks of snapshot "${snapshot}" of` : `list the blocks of snapshot "${snapshot}" changed since snapshot "${since}" of`;
+    return this.underLock(what, volume, async (ctx, started) => {
+      const snap = ctx.snapshot(volume, snapshot);
+      const sinceId = since === undefined ? undefined : ctx.snapshot(volume, since).id;
+      const ranges = await changedRangesOf(ctx, snap.id, snap.sizeBytes, sinceId);
+      const bytes = ranges.reduce((n, r) => n + r.length, 0);
+      ctx.log.info("dm-thin changed ranges", { volume, snapshot, since, ranges: ranges.length, size: formatSize(bytes), ms: Date.now() - started });
+      return ranges;
+    });
   }
 }

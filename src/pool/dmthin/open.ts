@@ -6,11 +6,13 @@ import { attachOrReuseLoop, detachLoop, loopsOf, refreshLoopSize } from "../../s
 import { checkThinMetadata } from "../../system/thin-tools.js";
 import { headroomBytes } from "../host-space.js";
 import { fileSize, growSparseFile, loopDeviceNumber, metadataIsBlank, metadataSizeFor } from "./backing.js";
+import { releaseLeftMetadataSnapshot } from "./changes.js";
 import type { Locked } from "./context.js";
 import { checkBacking, deviceBusyError, deviceLength, findDataDevice, refuseUnlessEmpty, type DataDevice } from "./device.js";
 import { foreignDevice, occupant, resumeLeftSuspended } from "./devices.js";
 import { FEATURES, adoptSparseData, allocateOrFail, growLocked, initialLength, poolTable, reloadPool } from "./growth.js";
 import { settlePending } from "./journal.js";
+import { removeIdleReaders, removeLeftoverReaders } from "./readers.js";
 import { loadState, saveState, stateFile, type PoolState } from "./state.js";
 
 /** No volume was ever made: the pool may still be (re)made from nothing. */
@@ -109,6 +111,8 @@ export async function openPool(ctx: Locked): Promise<void> {
   }
   ctx.state = state;
   try {
+    // Before settling: a reader left on a snapshot would keep an interrupted removal's delete busy.
+    await removeLeftoverReaders(ctx);
     await settlePending(ctx);
     const status = await thinPoolStatus(ctx.runner, ctx.poolName);
     if (status.transactionId !== state.transactionId) {
@@ -118,6 +122,7 @@ export async function openPool(ctx: Locked): Promise<void> {
       );
     }
     if (status.needsCheck) ctx.log.warn("dm-thin pool metadata is flagged needs_check; run thin_check on it while the pool is down", { pool: ctx.poolName });
+    if (status.metadataSnapHeld) await releaseLeftMetadataSnapshot(ctx);
     await resumeLeftSuspended(ctx);
     await growLocked(ctx);
   } catch (err) {
@@ -272,10 +277,12 @@ export async function closePool(ctx: Locked): Promise<void> {
     if (o.kind === "ours") active.push(name);
     else if (o.kind === "foreign") ctx.log.warn("a device with a volume's name is not that volume; left untouched", { volume: name, error: foreignDevice(ctx, name, vol, o.table).message });
   }
+  // Snapshot readers hold the pool open too: idle ones go, open ones keep it up.
+  const reading = await removeIdleReaders(ctx);
   ctx.state = undefined;
   ctx.poolDevice = "";
-  if (active.length > 0) {
-    ctx.log.info("dm-thin pool left up: volumes are active", { pool: ctx.poolName, active: active.length });
+  if (active.length > 0 || reading.length > 0) {
+    ctx.log.info("dm-thin pool left up: volumes are active or snapshots are being read", { pool: ctx.poolName, active: active.length, readers: reading.length });
     return;
   }
   if (await deviceInfo(ctx.runner, ctx.poolName)) await removeDevice(ctx.runner, ctx.poolName);
