@@ -70,6 +70,23 @@ export class DirectoryStore implements BackupStore {
     return keys.sort();
   }
 
+  async removeLeftovers(): Promise<number> {
+    let removed = 0;
+    let entries;
+    try {
+      entries = await readdir(this.root, { recursive: true, withFileTypes: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return 0;
+      throw err;
+    }
+    for (const e of entries) {
+      if (!e.isFile() || !e.name.startsWith(TEMP_PREFIX) || !e.name.endsWith(".tmp")) continue;
+      await rm(join(e.parentPath, e.name), { force: true });
+      removed++;
+    }
+    return removed;
+  }
+
   async delete(key: string): Promise<void> {
     const path = this.pathOf(checkKey(key));
     await rm(path, { force: true });

@@ -19,6 +19,8 @@ export interface GarbageReport {
   blocksKept: number;
   /** Leases of processes that died, removed. */
   leasesRemoved: number;
+  /** Objects left half-written by processes that died (a directory's temporary files), removed. */
+  leftoversRemoved: number;
 }
 
 /**
@@ -55,7 +57,9 @@ export async function collectGarbage(store: BackupStore, options: LeaseOptions =
       blocksDeleted++;
       await lease.refreshIfDue();
     }
-    return { blocksDeleted, blocksKept, leasesRemoved };
+    // Holding the exclusive lease, no backup writes: every temporary file is a dead writer's.
+    const leftoversRemoved = (await store.removeLeftovers?.()) ?? 0;
+    return { blocksDeleted, blocksKept, leasesRemoved, leftoversRemoved };
   } finally {
     await lease.release().catch(() => undefined);
   }

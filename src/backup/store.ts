@@ -22,6 +22,11 @@ export interface BackupStore {
   list(prefix: string): Promise<string[]>;
   /** Removes the object. Absent is fine. */
   delete(key: string): Promise<void>;
+  /**
+   * Removes what writers that died left half-written (a directory's temporary files; S3 has
+   * none: an upload is whole or absent). Called only while nothing else writes. Returns how many.
+   */
+  removeLeftovers?(): Promise<number>;
 }
 
 /**

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { readdirSync, rmSync } from "node:fs";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { test } from "node:test";
 import { blockKey } from "../../src/backup/blocks.js";
@@ -34,10 +35,10 @@ test("removing a backup, then collecting: only blocks no remaining backup names 
     const second = await createBackup({ ...base, store, device: dev, blocksToRead: [1, 2], previous: first.manifest });
     assert.equal((await store.list("blocks/")).length, 6);
 
-    assert.deepEqual(await collectGarbage(store), { blocksDeleted: 0, blocksKept: 6, leasesRemoved: 0 });
+    assert.deepEqual(await collectGarbage(store), { blocksDeleted: 0, blocksKept: 6, leasesRemoved: 0, leftoversRemoved: 0 });
     await removeBackup(store, "db", first.manifest.id);
     await assert.rejects(removeBackup(store, "db", first.manifest.id), NotFoundError);
-    assert.deepEqual(await collectGarbage(store), { blocksDeleted: 2, blocksKept: 4, leasesRemoved: 0 });
+    assert.deepEqual(await collectGarbage(store), { blocksDeleted: 2, blocksKept: 4, leasesRemoved: 0, leftoversRemoved: 0 });
 
     // What is left restores exactly.
     assert.equal((await verifyBackup({ store, manifest: second.manifest })).ok, true);
@@ -85,7 +86,7 @@ test("garbage collection never runs beside a backup in progress, so it cannot de
     const done = await running;
     assert.equal(done.blocksAlreadyStored, 1);
     assert.equal((await verifyBackup({ store, manifest: done.manifest })).ok, true);
-    assert.deepEqual(await collectGarbage(store), { blocksDeleted: 0, blocksKept: 2, leasesRemoved: 0 });
+    assert.deepEqual(await collectGarbage(store), { blocksDeleted: 0, blocksKept: 2, leasesRemoved: 0, leftoversRemoved: 0 });
     assert.deepEqual(await store.list("locks/"), []);
   }));
 
@@ -108,7 +109,7 @@ test("the lease of a process that died goes stale: collection removes it and goe
     await store.put(blockKey("c".repeat(64)), Buffer.from("left by the dead backup"));
     await assert.rejects(collectGarbage(store, { now: () => new Date(dead + 60_000) }), ConflictError);
     const report = await collectGarbage(store, { now: () => new Date(dead + 31 * 60_000) });
-    assert.deepEqual(report, { blocksDeleted: 1, blocksKept: 0, leasesRemoved: 1 });
+    assert.deepEqual(report, { blocksDeleted: 1, blocksKept: 0, leasesRemoved: 1, leftoversRemoved: 0 });
   }));
 
 test("a backup whose lease was taken away as abandoned fails instead of writing its record", () =>
@@ -143,5 +144,22 @@ test("files at the target that are not blocks are left alone", () =>
     const store = new DirectoryStore(join(dir, "target"));
     await store.put("blocks/README", Buffer.from("do not delete"));
     await store.put(`blocks/00/00/${"1".repeat(64)}`, Buffer.from("misfiled"));
-    assert.deepEqual(await collectGarbage(store), { blocksDeleted: 0, blocksKept: 2, leasesRemoved: 0 });
+    assert.deepEqual(await collectGarbage(store), { blocksDeleted: 0, blocksKept: 2, leasesRemoved: 0, leftoversRemoved: 0 });
+  }));
+
+test("a collection removes the half-written files of a writer that died, and the lease of an earlier process of the same pool at once", () =>
+  withTempDir(async (dir) => {
+    const store = new DirectoryStore(join(dir, "target"));
+    const dev = await device(dir, "db.img", [0, 1]);
+    const b = await createBackup({ ...base, store, device: dev, blocksToRead: allBlocks(g) });
+    // A put killed before its rename, and a backup of an earlier process of this pool that died, minutes ago.
+    const [key] = await store.list("blocks/");
+    await writeFile(join(dir, "target", `${key}`.replace(/[^/]+$/, ".0a1b2c.tmp")), "half a block");
+    const owner = "0123456789abcdef0123456789abcdef";
+    const dead = await Lease.acquire(store, "backup", "a backup that died", { holder: { owner, instance: "old" } });
+    assert.ok(dead.key.startsWith("locks/"));
+    await assert.rejects(collectGarbage(store, { holder: { owner: "another pool", instance: "x" } }), /a backup that died .* is in progress/);
+    const report = await collectGarbage(store, { holder: { owner, instance: "new" } });
+    assert.deepEqual(report, { blocksDeleted: 0, blocksKept: 2, leasesRemoved: 1, leftoversRemoved: 1 });
+    assert.equal((await verifyBackup({ store, manifest: b.manifest })).ok, true);
   }));
