@@ -193,10 +193,11 @@ engine_remove_plugin() {
 engine_cleanup() {
   engine_stop || true
   local target
-  # Deepest first; lazy, because a dying process may still hold one.
+  # Deepest first; lazy, because a dying process may still hold one. Whole path components
+  # only: /var/lib/thinvol-e2e-backups is not under /var/lib/thinvol-e2e.
   while IFS= read -r target; do
     umount -l "$target" 2>/dev/null || true
-  done < <(findmnt -rn -o TARGET | awk -v a="$E2E_DATA_ROOT" -v b="$E2E_EXEC_ROOT" 'index($0, a) == 1 || index($0, b) == 1' | sort -r)
+  done < <(findmnt -rn -o TARGET | awk -v a="$E2E_DATA_ROOT" -v b="$E2E_EXEC_ROOT" '$0 == a || $0 == b || index($0, a "/") == 1 || index($0, b "/") == 1' | sort -r)
 
   engine_release_devices
 }

@@ -13,6 +13,10 @@
 #   dist/plugin-next/   the next version, a pre-release (0.1.0 -> 0.1.1-rc.1), for this
 #                       machine: test/e2e/upgrade.test.ts upgrades to it and back
 #
+# For test/e2e/backup.test.ts (registry install only): a second private engine with the
+# plugin installed the same way (host B), an S3 server (s3rver) on the loopback, and a
+# backups directory both hosts' plugins mount (test/e2e/backup-hosts.sh).
+#
 # Environment:
 #   E2E_INSTALL      registry (default) or create: `docker plugin create` from plugin/ with
 #                    build/plugin-install.sh, no registry (the VM tier, where pushing and
@@ -51,19 +55,25 @@ export E2E_STATE_SOURCE="$E2E_DATA_ROOT/plugins"
 export E2E_STATE_DIR="$E2E_STATE_SOURCE/thinvol"
 export E2E_ENGINE_SCRIPT="$repo_root/test/e2e/engine.sh"
 export E2E_PG_IMAGE=thinvol-e2e/postgres:15
+# The backups mount's source (its default, /var/lib/docker/plugins, exists only where an
+# engine has the default data root); test/e2e/backup.test.ts's two hosts share it.
+export E2E_BACKUPS_SOURCE="$E2E_DATA_ROOT-backups"
+# shellcheck source=test/e2e/backup-hosts.sh
+source test/e2e/backup-hosts.sh
 E2E_TAP="$E2E_EXEC_ROOT/scenarios.tap"
 
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   log "cleaning up"
+  backup_hosts_stop
   engine_remove_plugin "$E2E_PLUGIN"
   registry_stop
   engine_cleanup
   if [[ ${E2E_KEEP:-0} == 1 ]]; then
     log "kept $E2E_DATA_ROOT (E2E_KEEP=1)"
   else
-    rm -rf "$E2E_DATA_ROOT" "$E2E_EXEC_ROOT"
+    rm -rf "$E2E_DATA_ROOT" "$E2E_EXEC_ROOT" "$E2E_BACKUPS_SOURCE"
   fi
   exit "$rc"
 }
@@ -72,7 +82,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 registry_stop
+backup_hosts_stop
 engine_fresh_start
+rm -rf "$E2E_BACKUPS_SOURCE"
+mkdir -p "$E2E_BACKUPS_SOURCE"
 
 read -r -a scenario_files <<<"${E2E_TESTS:-$(echo test/e2e/*.test.ts)}"
 wants() { [[ " ${scenario_files[*]} " == *" test/e2e/$1 "* ]]; }
@@ -123,7 +136,10 @@ fi
 
 if [[ $E2E_INSTALL == registry ]]; then
   publish_to_registry
-  if wants upgrade.test.ts || wants operations.test.ts; then engine_import_postgres "$E2E_PG_IMAGE"; fi
+  if wants upgrade.test.ts || wants operations.test.ts || wants backup.test.ts; then engine_import_postgres "$E2E_PG_IMAGE"; fi
+  # A second host, an S3 server and a backups directory both hosts share; both installs get
+  # BACKUP_SETTINGS. The scenarios skip themselves without them (E2E_INSTALL=create).
+  if wants backup.test.ts; then backup_hosts_start; fi
 fi
 
 # Installs the plugin with a fresh pool (engine_fresh_start emptied the data root) of the
@@ -131,7 +147,8 @@ fi
 run_scenarios() {
   export E2E_POOL_DRIVER=$1
   shift
-  local -a settings=("state.source=$E2E_STATE_SOURCE" "POOL_DRIVER=$E2E_POOL_DRIVER" "POOL_SIZE=$E2E_POOL_SIZE" "LOG_LEVEL=debug")
+  local -a settings=("state.source=$E2E_STATE_SOURCE" "POOL_DRIVER=$E2E_POOL_DRIVER" "POOL_SIZE=$E2E_POOL_SIZE" "LOG_LEVEL=debug"
+    "backups.source=$E2E_BACKUPS_SOURCE" "${BACKUP_SETTINGS[@]}")
   if [[ $E2E_INSTALL == registry ]]; then
     install_from_registry "${settings[@]}"
   else

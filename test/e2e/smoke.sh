@@ -51,8 +51,10 @@ engine_fresh_start
 
 start=$SECONDS
 mkdir -p "$E2E_DATA_ROOT/plugins"
+# Both mounts' default source, /var/lib/docker/plugins, exists only where an engine has the
+# default data root.
 run docker plugin install --alias "$plugin" --grant-all-permissions "$reference" \
-  "state.source=$E2E_DATA_ROOT/plugins" POOL_SIZE=2G
+  "state.source=$E2E_DATA_ROOT/plugins" "backups.source=$E2E_DATA_ROOT/plugins" POOL_SIZE=2G
 [[ $(docker plugin inspect -f '{{.Enabled}} {{.PluginReference}}' "$plugin") == "true $reference" ]] ||
   die "the plugin is not enabled from $reference: $(docker plugin inspect -f '{{.Enabled}} {{.PluginReference}}' "$plugin")"
 

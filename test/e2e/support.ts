@@ -35,16 +35,20 @@ export interface Result {
   exitCode: number;
 }
 
-/** Runs the docker CLI; never throws for a non-zero exit. */
-export async function docker(args: readonly string[], timeoutMs = 120_000): Promise<Result> {
-  const r = await execa("docker", args, { reject: false, timeout: timeoutMs, stdin: "ignore" });
+/**
+ * Runs the docker CLI; never throws for a non-zero exit. `dockerHost` names another engine
+ * than the tier's (DOCKER_HOST).
+ */
+export async function docker(args: readonly string[], timeoutMs = 120_000, dockerHost?: string): Promise<Result> {
+  const engine = dockerHost === undefined ? {} : { DOCKER_HOST: dockerHost };
+  const r = await execa("docker", args, { reject: false, timeout: timeoutMs, stdin: "ignore", env: engine });
   if (r.timedOut) throw new Error(`docker ${args.join(" ")} timed out after ${timeoutMs} ms`);
   return { stdout: String(r.stdout), stderr: String(r.stderr), exitCode: r.exitCode ?? -1 };
 }
 
 /** Runs the docker CLI and returns its stdout; a failure throws with the CLI's message. */
-export async function dockerOk(args: readonly string[], timeoutMs?: number): Promise<string> {
-  const r = await docker(args, timeoutMs);
+export async function dockerOk(args: readonly string[], timeoutMs?: number, dockerHost?: string): Promise<string> {
+  const r = await docker(args, timeoutMs, dockerHost);
   if (r.exitCode !== 0) {
     throw new Error(`docker ${args.join(" ")} exited with ${r.exitCode}: ${(r.stderr || r.stdout).trim()}`);
   }
@@ -311,25 +315,29 @@ export async function adminRequest(method: string, path: string, body?: unknown)
  */
 export const hasAdminCli = existsSync(join(import.meta.dirname, "..", "..", "dist", "thinvol-cli.mjs"));
 
-/** PostgreSQL in a container of the offline image, its cluster on a thinvol volume at /d/pg. */
+/**
+ * PostgreSQL in a container of the offline image, its cluster on a thinvol volume at /d/pg;
+ * on the tier's engine, or on the one at `dockerHost`.
+ */
 export class Postgres {
   constructor(
     readonly container: string,
     readonly volume: string,
+    readonly dockerHost?: string,
   ) {}
 
   /** Runs SQL as the postgres user through the container's socket; returns psql's bare output. */
   sql(statement: string): Promise<string> {
-    return dockerOk(["exec", this.container, "su", "postgres", "-s", "/bin/sh", "-c", `psql -h /tmp -At -c "${statement}"`]);
+    return dockerOk(["exec", this.container, "su", "postgres", "-s", "/bin/sh", "-c", `psql -h /tmp -At -c "${statement}"`], undefined, this.dockerHost);
   }
 
   async ready(): Promise<void> {
     for (let i = 0; i < 300; i++) {
-      const r = await docker(["exec", this.container, "su", "postgres", "-s", "/bin/sh", "-c", "pg_isready -q -h /tmp"]);
+      const r = await docker(["exec", this.container, "su", "postgres", "-s", "/bin/sh", "-c", "pg_isready -q -h /tmp"], undefined, this.dockerHost);
       if (r.exitCode === 0) return;
       await new Promise((resolve) => setTimeout(resolve, 200));
     }
-    throw new Error(`PostgreSQL in ${this.container} did not get ready: ${(await docker(["logs", "--tail", "20", this.container])).stderr}`);
+    throw new Error(`PostgreSQL in ${this.container} did not get ready: ${(await docker(["logs", "--tail", "20", this.container], undefined, this.dockerHost)).stderr}`);
   }
 
   /** Starts the container; initdb on the first start only, so a restart finds its cluster. */
@@ -337,7 +345,7 @@ export class Postgres {
     const script =
       "mkdir -p /d/pg && chown postgres /d/pg && exec su postgres -s /bin/sh -c " +
       '"[ -f /d/pg/PG_VERSION ] || initdb -A trust -D /d/pg >/dev/null; exec postgres -D /d/pg -k /tmp -c listen_addresses="';
-    await dockerOk(["run", "-d", "--name", this.container, "--network", "none", "--shm-size", "128m", "-v", `${this.volume}:/d`, image, "sh", "-c", script]);
+    await dockerOk(["run", "-d", "--name", this.container, "--network", "none", "--shm-size", "128m", "-v", `${this.volume}:/d`, image, "sh", "-c", script], undefined, this.dockerHost);
     await this.ready();
   }
 }
