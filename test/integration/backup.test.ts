@@ -255,12 +255,17 @@ describe(`backups and restores with the ${driver} pool`, () => {
   });
 
   test("backup rm collects the blocks no other backup names; verify finds a missing block", async () => {
-    const blocks = async () => (await readdir(join(targetDir, "blocks"), { recursive: true, withFileTypes: true })).filter((e) => e.isFile()).length;
+    const files = async () => (await readdir(join(targetDir, "blocks"), { recursive: true, withFileTypes: true })).filter((e) => e.isFile());
+    // Stored blocks; files starting with "." are puts in flight, or left by the backup killed above.
+    const blocks = async () => (await files()).filter((e) => !e.name.startsWith(".")).length;
     const beforeRm = await blocks();
+    const leftovers = (await files()).length - beforeRm;
     const removed = await adminOk(adminSock, "DELETE", `/v1/backups/${ids[0]}?to=${encodeURIComponent(target)}`);
     assert.equal(removed["volume"], "db");
     assert.ok(Number(removed["blocksDeleted"]) >= 1, `the blocks only the first backup had are deleted: ${String(removed["blocksDeleted"])}`);
     assert.equal(await blocks(), beforeRm - Number(removed["blocksDeleted"]));
+    assert.equal(removed["leftoversRemoved"], leftovers, "the killed backup's half-written files are gone too");
+    assert.equal((await files()).length, await blocks());
     assert.equal((await callAdmin(adminSock, "POST", "/v1/restore", { from: target, id: ids[0], volume: "gone" })).status, 404);
     // The second backup is complete on its own.
     const ok = await adminOk(adminSock, "POST", `/v1/backups/${ids[1]}/verify`, { to: target });
