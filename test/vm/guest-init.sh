@@ -21,7 +21,7 @@ export HOME=/root LANG=C.UTF-8
 # tsx parses every module it loads with a WebAssembly lexer. Under TCG, V8's signal-based
 # wasm bounds checks (guard regions and a SIGSEGV trap handler) now and then turned a load
 # into "RuntimeError: memory access out of bounds" and killed a test file's process before
-# any test ran (2 of 5 full VM tier runs). Inline bound checks take no fault at all.
+# any test ran (2 of the last 6 full VM tier runs). Inline bound checks take no fault at all.
 export NODE_OPTIONS="--disable-wasm-trap-handler${NODE_OPTIONS:+ $NODE_OPTIONS}"
 umask 022
 
