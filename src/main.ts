@@ -103,7 +103,7 @@ async function main(): Promise<void> {
     });
     await manager.recover();
     const holder = { owner: await loadLeaseOwner(join(settings.STATE_DIR, "backup-lease-owner")), instance: randomBytes(8).toString("hex") };
-    service.serve(manager, new BackupService({ manager, pool, log, openTarget: (url) => targets.open(url), holder }));
+    service.serve(manager, new BackupService({ manager, pool, log, openTarget: (url) => targets.open(url), holder, targetsFile: join(settings.STATE_DIR, "backup-targets.json") }));
     log.info("ready", {
       driver: pool.driver,
       stateDir: settings.STATE_DIR,

@@ -34,7 +34,7 @@ const RollbackBody = body({ snapshot: SnapshotNameSchema });
 const Target = v.pipe(v.string("a backup target must be a URL string"), v.minLength(1, "a backup target is needed: file:///path or s3://bucket/prefix"), v.maxLength(1024, "a backup target is at most 1024 characters"));
 const BackupId = v.pipe(v.string("a backup id must be a string"), v.regex(BACKUP_ID_PATTERN, (i) => `${quote(String(i.input))} is not a backup id (thinvol backup ls shows them)`));
 const BackupBody = body({ to: Target });
-const VerifyBody = body({ to: Target });
+const VerifyBody = body({ to: v.optional(Target) });
 const RestoreBody = body({ from: Target, id: BackupId, volume: VolumeNameSchema });
 
 const KINDS = [
@@ -171,7 +171,7 @@ export function createAdminApp(service: () => Promise<AdminService>, log: Logger
   );
   app.delete(
     "/v1/backups/:id",
-    handleBackup("backup.rm", async (c, b) => b.removeBackup(targetQuery(c), backupIdParam(c))),
+    handleBackup("backup.rm", async (c, b) => b.removeBackup(c.req.query("to") === undefined ? undefined : targetQuery(c), backupIdParam(c))),
   );
   app.post(
     "/v1/backups/:id/verify",

@@ -26,6 +26,8 @@ export interface Context {
   change<T>(label: string, call: (onProgress: OnProgress | undefined) => Promise<T>): Promise<T>;
   /** The backup target `--to` (or `--from`) gave, else THINVOL_BACKUP_TARGET; a usage error without one. */
   target(option: "to" | "from"): string;
+  /** The same, or undefined when neither is given (the plugin then looks at the targets it knows). */
+  maybeTarget(option: "to" | "from"): string | undefined;
 }
 
 export interface Command {

@@ -49,8 +49,13 @@ function context(globals: Globals, io: Io, topic: string): Context {
   return {
     client: new AdminClient(locate),
     target(option) {
+      const given = this.maybeTarget(option);
+      if (given === undefined) throw new UsageError(`${topic} needs --${option} URL (file:///path or s3://bucket/prefix), or THINVOL_BACKUP_TARGET set`, topic);
+      return given;
+    },
+    maybeTarget(option) {
       const given = globals[option] ?? io.env["THINVOL_BACKUP_TARGET"];
-      if (given === undefined || given === "") throw new UsageError(`${topic} needs --${option} URL (file:///path or s3://bucket/prefix), or THINVOL_BACKUP_TARGET set`, topic);
+      if (given === undefined || given === "") return undefined;
       const result = check(BackupTarget, given);
       if (!result.ok) throw new UsageError(result.message, topic);
       return result.value;

@@ -6,7 +6,8 @@ import { findManifest, listBackups, newBackupId, readManifest, type Manifest } f
 import { blocksTouching } from "../backup/plan.js";
 import { verifyBackup, type VerifyReport } from "../backup/restore.js";
 import type { BackupStore } from "../backup/store.js";
-import { ConflictError, errorMessage, inContext, quote } from "../errors.js";
+import { ConflictError, NotFoundError, errorMessage, inContext, quote } from "../errors.js";
+import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
 import type { Logger } from "../log.js";
 import type { Pool } from "../pool/types.js";
 import { formatSize } from "../size.js";
@@ -21,6 +22,8 @@ export interface BackupServiceOptions {
   openTarget: (url: string) => Promise<BackupStore>;
   /** Marks this process's leases at targets, so that its next start knows them for abandoned. */
   holder?: LeaseHolder;
+  /** Where the targets backups were made to are listed, for `backup rm|verify ID` without a target. */
+  targetsFile?: string;
 }
 
 /** A backup as `thinvol backup ls` shows it. */
@@ -90,6 +93,9 @@ export class BackupService implements BackupAdmin {
       throw inContext(err, `${what}: its last backup there cannot be read`);
     });
     const id = newBackupId(new Date());
+    await this.rememberTarget(store.url).catch((err: unknown) => {
+      this.o.log.warn("cannot record the backup target", { target: store.url, error: errorMessage(err) });
+    });
     const start = await this.o.manager.startBackup(volume, store.url, id, progress);
     const snap = start.snapshot.name;
     let done = false;
@@ -174,19 +180,51 @@ export class BackupService implements BackupAdmin {
     return out;
   }
 
+  /**
+   * The store and record of backup `id`: at `url`, or, without one, at whichever target
+   * this plugin has backed up to holds it.
+   */
+  private async locate(url: string | undefined, id: string): Promise<{ store: BackupStore; m: Manifest }> {
+    if (url !== undefined) {
+      const store = await this.o.openTarget(url);
+      return { store, m: await findManifest(store, id) };
+    }
+    const known = await this.knownTargets();
+    for (const target of known) {
+      const store = await this.o.openTarget(target).catch(() => undefined);
+      const m = store && (await findManifest(store, id).catch(() => undefined));
+      if (store && m) return { store, m };
+    }
+    throw new NotFoundError(
+      `backup ${quote(id)} is at none of the targets this plugin has backed up to${known.length > 0 ? ` (${known.join(", ")})` : ""}; give its target (--to URL)`,
+    );
+  }
+
+  /** The targets backups were made to, oldest first (kept in STATE_DIR). */
+  private async knownTargets(): Promise<string[]> {
+    if (this.o.targetsFile === undefined) return [];
+    const raw = await readJsonFile(this.o.targetsFile).catch(() => undefined);
+    return Array.isArray(raw) ? raw.filter((t): t is string => typeof t === "string") : [];
+  }
+
+  private async rememberTarget(url: string): Promise<void> {
+    if (this.o.targetsFile === undefined) return;
+    const known = await this.knownTargets();
+    if (known.includes(url)) return;
+    await writeFileAtomic(this.o.targetsFile, `${JSON.stringify([...known, url])}\n`);
+  }
+
   /** Forgets a backup, then deletes the blocks no other backup at the target names. */
-  async removeBackup(url: string, id: string): Promise<BackupRemoval> {
-    const store = await this.o.openTarget(url);
-    const m = await findManifest(store, id);
+  async removeBackup(url: string | undefined, id: string): Promise<BackupRemoval> {
+    const { store, m } = await this.locate(url, id);
     await removeBackup(store, m.volume, m.id);
     const report = await collectGarbage(store, this.leaseOptions());
     this.o.log.info("backup removed", { backup: m.id, volume: m.volume, target: store.url, blocksDeleted: report.blocksDeleted });
     return { id: m.id, volume: m.volume, ...report };
   }
 
-  async verifyBackup(url: string, id: string): Promise<VerifyReport & { id: string; volume: string }> {
-    const store = await this.o.openTarget(url);
-    const m = await findManifest(store, id);
+  async verifyBackup(url: string | undefined, id: string): Promise<VerifyReport & { id: string; volume: string }> {
+    const { store, m } = await this.locate(url, id);
     return { id: m.id, volume: m.volume, ...(await verifyBackup({ store, manifest: m })) };
   }
 }

@@ -83,7 +83,8 @@ export interface AdminService {
 export interface BackupAdmin {
   createBackup(volume: string, url: string, progress?: Progress): Promise<object>;
   backups(url: string, volume?: string): Promise<object[]>;
-  removeBackup(url: string, id: string): Promise<object>;
-  verifyBackup(url: string, id: string): Promise<object>;
+  /** Without a target, the backup is looked for at every target backups were made to. */
+  removeBackup(url: string | undefined, id: string): Promise<object>;
+  verifyBackup(url: string | undefined, id: string): Promise<object>;
   restore(url: string, id: string, volume: string, progress?: Progress): Promise<VolumeDetail>;
 }

@@ -100,4 +100,14 @@ describe("thinvol backup and restore", () => {
     }
     assert.equal(admin.requests.length, sent);
   });
+
+  test("backup rm and verify without --to leave the target to the plugin, which knows where it backed up", async () => {
+    admin.on("DELETE", `/v1/backups/${ID}`, { json: { id: ID, volume: "db", blocksDeleted: 1, blocksKept: 0, leasesRemoved: 0 } });
+    admin.on("POST", `/v1/backups/${ID}/verify`, { json: { id: ID, volume: "db", ok: true, blocksChecked: 1, missing: [], damaged: [] } });
+    assert.equal((await runCli(["backup", "verify", ID, ...sock])).code, 0);
+    assert.deepEqual(admin.requests.at(-1)?.body, {});
+    assert.equal((await runCli(["backup", "rm", ID, ...sock])).code, 0);
+    assert.equal(admin.requests.at(-1)?.path, `/v1/backups/${ID}`);
+  });
 });
+

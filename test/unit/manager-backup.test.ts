@@ -21,7 +21,7 @@ describe("backups in the volume layer", () => {
   beforeEach(async () => {
     f = await managerFixture({ defaultSizeBytes: 64 * MiB, minFreePercent: 10 });
     store = new DirectoryStore(join(f.dir, "target"), target);
-    backups = new BackupService({ manager: f.manager, pool: f.pool, log: silentLogger, openTarget: async () => store });
+    backups = new BackupService({ manager: f.manager, pool: f.pool, log: silentLogger, openTarget: async () => store, targetsFile: join(f.dir, "backup-targets.json") });
     await f.manager.create("db", null);
     (f.pool.volumes.get("db") as { data: string }).data = "first contents";
   });
@@ -97,4 +97,15 @@ describe("backups in the volume layer", () => {
     const b = await backups.createBackup("db", target);
     await assert.rejects(backups.restore(target, b.id, "db"), (err: Error) => err instanceof ConflictError && /volume "db" exists/.test(err.message));
   });
+
+  test("backup rm and verify without a target look at the targets backups were made to", async () => {
+    await assert.rejects(backups.verifyBackup(undefined, "20261129T101500123Z-1a2b3c4d"), /is at none of the targets this plugin has backed up to; give its target/);
+    const b = await backups.createBackup("db", target);
+    assert.equal((await backups.verifyBackup(undefined, b.id)).ok, true);
+    await assert.rejects(backups.verifyBackup(undefined, "20261129T101500123Z-1a2b3c4d"), /is at none of the targets this plugin has backed up to \(file:\/\/\/backups\)/);
+    const removed = await backups.removeBackup(undefined, b.id);
+    assert.equal(removed.volume, "db");
+    assert.deepEqual(await backups.backups(target), []);
+  });
 });
+

@@ -64,11 +64,12 @@ export const backupRm: Command = {
   name: "backup rm",
   args: [{ name: "ID", schema: BackupId }],
   summary: "Remove a backup and the blocks only it needed",
-  description: `Forgets the backup at once, then deletes the blocks that no other backup at the target names. Backups of the same volume made after it stay whole: each backup is complete on its own. ${TARGETS}`,
+  description: `Forgets the backup at once, then deletes the blocks that no other backup at the target names. Backups of the same volume made after it stay whole: each backup is complete on its own. Without --to, the backup is looked for at every target this plugin has backed up to. ${TARGETS}`,
   examples: ["thinvol backup rm 20261129T101500123Z-1a2b3c4d --to file:///mnt/backup"],
   async run(ctx, [id = ""]) {
-    const to = ctx.target("to");
-    const r = await ctx.change(`removing backup ${id}`, (onProgress) => ctx.client.call(BackupRemovalReply, "DELETE", `/v1/backups/${seg(id)}?to=${encodeURIComponent(to)}`, { onProgress }));
+    const to = ctx.maybeTarget("to");
+    const query = to === undefined ? "" : `?to=${encodeURIComponent(to)}`;
+    const r = await ctx.change(`removing backup ${id}`, (onProgress) => ctx.client.call(BackupRemovalReply, "DELETE", `/v1/backups/${seg(id)}${query}`, { onProgress }));
     return { json: r, text: `removed backup ${r.id} of volume ${quote(r.volume)}: ${r.blocksDeleted} blocks deleted, ${r.blocksKept} kept for other backups\n` };
   },
 };
@@ -76,12 +77,14 @@ export const backupRm: Command = {
 export const backupVerify: Command = {
   name: "backup verify",
   args: [{ name: "ID", schema: BackupId }],
-  summary: "Check every block of a backup at --to URL",
-  description: `Reads every block the backup names, decompresses it and checks its SHA-256. Exits 1 when a block is missing or damaged. ${TARGETS}`,
+  summary: "Check every block of a backup",
+  description: `Reads every block the backup names, decompresses it and checks its SHA-256. Exits 1 when a block is missing or damaged. Without --to, the backup is looked for at every target this plugin has backed up to. ${TARGETS}`,
   examples: ["thinvol backup verify 20261129T101500123Z-1a2b3c4d --to s3://backups/prod"],
   async run(ctx, [id = ""]) {
-    const to = ctx.target("to");
-    const r = await ctx.change(`verifying backup ${id}`, (onProgress) => ctx.client.call(VerifyReply, "POST", `/v1/backups/${seg(id)}/verify`, { body: { to }, onProgress }));
+    const to = ctx.maybeTarget("to");
+    const r = await ctx.change(`verifying backup ${id}`, (onProgress) =>
+      ctx.client.call(VerifyReply, "POST", `/v1/backups/${seg(id)}/verify`, { body: to === undefined ? {} : { to }, onProgress }),
+    );
     if (!r.ok) {
       const list = (what: string, blocks: readonly number[]) => (blocks.length === 0 ? [] : [`${blocks.length} ${what} (blocks ${blocks.slice(0, 10).join(", ")}${blocks.length > 10 ? ", ..." : ""})`]);
       throw new CliError(`backup ${r.id} of volume ${quote(r.volume)} is damaged: ${[...list("missing", r.missing), ...list("damaged", r.damaged)].join(", ")} of ${r.blocksChecked} blocks`, "damaged");
