@@ -3,6 +3,7 @@ import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
+import { afterEach, beforeEach } from "node:test";
 import { run, type Io } from "../../src/cli/run.js";
 
 /** What a fake server saw of one request. */
@@ -199,4 +200,25 @@ export async function pluginInspect(options: { name?: string; enabled?: boolean;
       Mounts: mounts.map((m) => ({ ...m })),
     },
   };
+}
+
+/**
+ * A fake admin API for each test of the calling file (beforeEach/afterEach), with the
+ * `--socket` arguments that point the command at it (those tests are about the API, not
+ * about finding it), and the test's own temporary directory.
+ */
+export function useFakeAdmin(): { readonly admin: FakeServer; readonly sock: string[]; readonly dir: string } {
+  let dir: Awaited<ReturnType<typeof tempDir>>;
+  const state = {} as { admin: FakeServer; sock: string[]; dir: string };
+  beforeEach(async () => {
+    dir = await tempDir();
+    state.dir = dir.path;
+    state.admin = await FakeServer.start(join(dir.path, "admin.sock"));
+    state.sock = ["--socket", state.admin.socketPath];
+  });
+  afterEach(async () => {
+    await state.admin.close();
+    await dir.remove();
+  });
+  return state;
 }
