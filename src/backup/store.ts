@@ -2,7 +2,7 @@ import { fileURLToPath } from "node:url";
 import { InvalidRequestError, quote } from "../errors.js";
 import { DirectoryStore } from "./directory-store.js";
 import type { StoreSettings } from "./s3-settings.js";
-import { S3Store } from "./s3-store.js";
+import { LazyS3Store } from "./s3-lazy.js";
 
 /**
  * Where backups are kept: a flat space of objects named by keys such as
@@ -73,6 +73,6 @@ export function openStore(url: string, settings: StoreSettings = {}): BackupStor
     if (parsed.host !== "") throw new InvalidRequestError(`invalid backup target ${quote(url)}: a file URL has no host (file:///path)`);
     return new DirectoryStore(fileURLToPath(parsed), url);
   }
-  if (parsed.protocol === "s3:") return new S3Store(url, settings.s3 ?? {});
+  if (parsed.protocol === "s3:") return new LazyS3Store(url, settings.s3 ?? {});
   throw new InvalidRequestError(`backup target ${quote(url)} is not supported: use file:///path or s3://bucket/prefix`);
 }

@@ -9,7 +9,7 @@ import { collectGarbage, removeBackup } from "../../src/backup/gc.js";
 import { listBackups, readManifest } from "../../src/backup/manifest.js";
 import { allBlocks, blocksTouching } from "../../src/backup/plan.js";
 import { restoreBackup, verifyBackup } from "../../src/backup/restore.js";
-import { S3Store } from "../../src/backup/s3-store.js";
+import { LazyS3Store } from "../../src/backup/s3-lazy.js";
 import { openStore } from "../../src/backup/store.js";
 import type { ByteRange } from "../../src/system/extents.js";
 import { ScriptedStore, sha256File, withTempDir } from "../support/backup.js";
@@ -57,7 +57,7 @@ function figures(label: string, s: BackupSummary): string {
 test("backups to S3: full, then 1% changed, restored byte for byte; a second volume dedups; an interrupted run resumes; gc keeps what is named; verify finds a lost block", () =>
   withTempDir(async (dir) => {
     const store = openStore(`${server.url}/engine`, { s3: server.settings });
-    assert.ok(store instanceof S3Store);
+    assert.ok(store instanceof LazyS3Store);
     try {
       const device = join(dir, "db.img");
       await makeVolume(device);
@@ -145,6 +145,6 @@ test("backups to S3: full, then 1% changed, restored byte for byte; a second vol
       assert.deepEqual(report.missing, [lostIndex]);
       assert.deepEqual(report.damaged, []);
     } finally {
-      (store as S3Store).close();
+      await (store as LazyS3Store).close();
     }
   }));

@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { DirectoryStore } from "../../src/backup/directory-store.js";
-import { S3Store } from "../../src/backup/s3-store.js";
+import { LazyS3Store } from "../../src/backup/s3-lazy.js";
 import { openStore } from "../../src/backup/store.js";
 import { InvalidRequestError } from "../../src/errors.js";
 import { withTempDir } from "../support/backup.js";
@@ -44,7 +44,7 @@ test("targets: file:///path opens a directory store, s3://bucket/prefix an S3 st
   assert.ok(store instanceof DirectoryStore);
   assert.equal(store.root, "/srv/backups");
   const s3 = openStore("s3://bucket/prefix", { s3: { region: "us-east-1" } });
-  assert.ok(s3 instanceof S3Store);
+  assert.ok(s3 instanceof LazyS3Store);
   assert.equal(s3.url, "s3://bucket/prefix");
   assert.throws(() => openStore("s3://Bucket/prefix"), /bucket "Bucket" is not a valid name/);
   assert.throws(() => openStore("sftp://host/srv"), /not supported: use file:\/\/\/path or s3:\/\/bucket\/prefix/);

@@ -18,12 +18,20 @@ set -uo pipefail # no -e: PID 1 must always reach the exit-status line and the p
 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8
-# tsx parses every module it loads with a WebAssembly lexer. Under TCG, V8's signal-based
-# wasm bounds checks (guard regions and a SIGSEGV trap handler) now and then turned a load
-# into "RuntimeError: memory access out of bounds" and killed a test file's process before
-# any test ran (2 of the last 6 full VM tier runs). Inline bound checks take no fault at all.
-export NODE_OPTIONS="--disable-wasm-trap-handler${NODE_OPTIONS:+ $NODE_OPTIONS}"
 umask 022
+
+# Node under qemu's multi-threaded TCG crashes now and then (SIGSEGV, SIGILL, or a wasm
+# "memory access out of bounds" in tsx's lexer) while it loads and compiles a lot of code: V8
+# writes machine code on its background threads while other threads run it. Measured here,
+# loading the S3 client through tsx: 6 of 26 runs crashed, none of 26 with V8's
+# --single-threaded (compilation and GC on the thread that runs the code). So every `node`
+# found on PATH in the VM gets that flag, and node's test runner passes it to its children.
+if real_node=$(command -v node); then
+  mkdir -p /run/thinvol-bin
+  printf '#!/bin/sh\nexec %s --single-threaded "$@"\n' "$real_node" >/run/thinvol-bin/node
+  chmod 755 /run/thinvol-bin/node
+  export PATH=/run/thinvol-bin:$PATH
+fi
 
 console=/dev/console
 # Messages carry the uptime, to see where boot time goes.
