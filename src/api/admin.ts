@@ -57,15 +57,11 @@ async function readJson<S extends v.GenericSchema>(c: Context, schema: S): Promi
 
 /** The `to` query parameter: the backup target. */
 function targetQuery(c: Context): string {
-  const result = v.safeParse(Target, c.req.query("to") ?? "");
-  if (!result.success) throw new InvalidRequestError(result.issues[0]?.message ?? "invalid backup target");
-  return result.output;
+  return checkName(Target, c.req.query("to") ?? "");
 }
 
 function backupIdParam(c: Context): string {
-  const result = v.safeParse(BackupId, c.req.param("id") ?? "");
-  if (!result.success) throw new InvalidRequestError(result.issues[0]?.message ?? "invalid backup id");
-  return result.output;
+  return checkName(BackupId, c.req.param("id") ?? "");
 }
 
 /** A path segment that must be a name; checked before anything runs. */

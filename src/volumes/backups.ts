@@ -11,7 +11,7 @@ import { readJsonFile, writeFileAtomic } from "../system/atomic-file.js";
 import type { Logger } from "../log.js";
 import type { Pool } from "../pool/types.js";
 import { formatSize } from "../size.js";
-import { PROGRESS_INTERVAL_MS, type VolumeManager } from "./manager.js";
+import { blockProgress, type VolumeManager } from "./manager.js";
 import { checkVolumeName } from "./options.js";
 import type { BackupAdmin, Progress, VolumeDetail } from "./types.js";
 
@@ -123,7 +123,7 @@ export class BackupService implements BackupAdmin {
           ...(previous ? { previous } : {}),
           id,
           fs: start.fs,
-          onProgress: throttled(progress),
+          onProgress: blockProgress(progress, (p: BackupProgress) => `read ${p.blocksDone}/${p.blocksTotal} blocks (${formatSize(p.bytesRead)}), sent ${formatSize(p.bytesUploaded)}, ${formatSize(p.bytesPerSecond)}/s`),
           ...this.leaseOptions(),
         });
       } finally {
@@ -227,14 +227,4 @@ export class BackupService implements BackupAdmin {
     const { store, m } = await this.locate(url, id);
     return { id: m.id, volume: m.volume, ...(await verifyBackup({ store, manifest: m })) };
   }
-}
-
-/** Progress of a copy for a person: about once a second, and the last. */
-function throttled(progress: Progress): (p: BackupProgress) => void {
-  let last = 0;
-  return (p) => {
-    if (Date.now() - last < PROGRESS_INTERVAL_MS && p.blocksDone < p.blocksTotal) return;
-    last = Date.now();
-    progress(`read ${p.blocksDone}/${p.blocksTotal} blocks (${formatSize(p.bytesRead)}), sent ${formatSize(p.bytesUploaded)}, ${formatSize(p.bytesPerSecond)}/s`);
-  };
 }

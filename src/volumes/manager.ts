@@ -63,7 +63,17 @@ const UNCHANGED_ID = -1;
 const noProgress: Progress = () => undefined;
 
 /** A long copy reports its progress at most this often. */
-export const PROGRESS_INTERVAL_MS = 1000;
+const PROGRESS_INTERVAL_MS = 1000;
+
+/** A copy's progress for a person: about once a second, and always the last step. */
+export function blockProgress<P extends { blocksDone: number; blocksTotal: number }>(progress: Progress, describe: (p: P) => string): (p: P) => void {
+  let last = 0;
+  return (p) => {
+    if (Date.now() - last < PROGRESS_INTERVAL_MS && p.blocksDone < p.blocksTotal) return;
+    last = Date.now();
+    progress(describe(p));
+  };
+}
 
 export interface BackupStart {
   snapshot: SnapshotDetail;
@@ -242,17 +252,12 @@ export class VolumeManager implements VolumeService, AdminService {
     const device = await this.o.pool.activate(name);
     const m = from.manifest;
     progress(`restoring backup "${m.id}" of volume "${m.volume}" (${formatSize(m.sizeBytes)}, ${m.blocks.length} blocks) into volume "${name}"`);
-    let lastShown = 0;
     try {
       const summary = await restoreBackup({
         store: from.store,
         manifest: m,
         device,
-        onProgress: (p) => {
-          if (Date.now() - lastShown < PROGRESS_INTERVAL_MS && p.blocksDone < p.blocksTotal) return;
-          lastShown = Date.now();
-          progress(`restored ${p.blocksDone}/${p.blocksTotal} blocks (${formatSize(p.bytesWritten)})`);
-        },
+        onProgress: blockProgress(progress, (p) => `restored ${p.blocksDone}/${p.blocksTotal} blocks (${formatSize(p.bytesWritten)})`),
       });
       this.o.log.info("volume restored from a backup", { volume: name, backup: m.id, from: from.store.url, blocks: summary.blocksWritten, bytes: summary.bytesWritten, ms: summary.durationMs });
     } finally {

@@ -30,8 +30,8 @@ export function checkSnapshotName(name: unknown): string {
   return checkName(SnapshotNameSchema, name);
 }
 
-/** Validates a name with `schema`; its first message becomes an InvalidRequestError. */
-export function checkName(schema: typeof VolumeNameSchema, name: unknown): string {
+/** Validates a name (or any string a request names, such as a backup target) with `schema`; its first message becomes an InvalidRequestError. */
+export function checkName(schema: v.GenericSchema<unknown, string>, name: unknown): string {
   const result = v.safeParse(schema, name);
   if (!result.success) throw new InvalidRequestError(result.issues[0]?.message ?? "invalid name");
   return result.output;
