@@ -16,6 +16,11 @@ export interface BackupTargetOptions {
   readMountInfo?: () => Promise<string>;
 }
 
+/** A path with `.`, `..` and doubled slashes resolved, and no trailing slash (but `/` itself). */
+function cleanPath(path: string): string {
+  return posix.normalize(path).replace(/(.)\/+$/, "$1");
+}
+
 /** Undoes the octal escapes (\040 for a space...) of /proc/self/mountinfo fields. */
 function unescapeMountField(field: string): string {
   return field.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(Number.parseInt(octal, 8)));
@@ -69,7 +74,7 @@ export class BackupTargets {
     if (parsed.host !== "" || parsed.search !== "" || parsed.hash !== "") {
       throw new InvalidRequestError(`invalid backup target ${quote(url)}: a file URL is file:///path, with no host, query or fragment`);
     }
-    const hostPath = posix.normalize(fileURLToPath(parsed)).replace(/(.)\/+$/, "$1");
+    const hostPath = cleanPath(fileURLToPath(parsed));
     if (/[\x00-\x1f\x7f]/.test(hostPath)) throw new InvalidRequestError(`invalid backup target ${quote(url)}: control characters in the path`);
     if (this.o.backupsDir === "") return new DirectoryStore(hostPath, url);
     const source = await this.hostSource();
@@ -86,7 +91,7 @@ export class BackupTargets {
   /** The host directory behind the backups mount: the setting, or the mount's root in the mount table. */
   private async hostSource(): Promise<string> {
     if (this.source !== undefined) return this.source;
-    if (this.o.backupsSource !== "") return (this.source = posix.normalize(this.o.backupsSource).replace(/(.)\/+$/, "$1"));
+    if (this.o.backupsSource !== "") return (this.source = cleanPath(this.o.backupsSource));
     const text = await (this.o.readMountInfo ?? (() => readFile("/proc/self/mountinfo", "utf8")))();
     const root = mountRootOf(text, this.o.backupsDir);
     if (root === undefined) throw new InvalidRequestError(`file backup targets are unavailable: nothing is mounted at ${this.o.backupsDir} (BACKUPS_DIR) in the plugin`);
